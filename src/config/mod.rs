@@ -1,0 +1,252 @@
+//! Configuration: reading the YAML file, checking it, and the validated types the rest of
+//! switchyard is built from.
+//!
+//! The file goes raw (`raw`, serde, unknown keys refused) → validated (`validate`, every
+//! problem collected with its file, line and column). Nothing unvalidated leaves this module.
+
+pub mod position;
+pub mod raw;
+pub mod reload;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::dataplane::route::{BackendId, Route};
+use crate::dataplane::split::{Flag, Weight};
+
+pub use position::Position;
+
+/// One problem in a configuration file, printed the way compilers print them so editors
+/// and CI logs can jump to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub position: Position,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.position.line,
+            self.position.col,
+            self.message
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}", render(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+fn render(problems: &[Diagnostic]) -> String {
+    problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            ConfigError::Invalid(d) => d,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, path).map_err(ConfigError::Invalid)
+}
+
+/// Validates configuration text; `file` only names it in diagnostics.
+pub fn parse(text: &str, file: &Path) -> Result<Config, Vec<Diagnostic>> {
+    validate::validate(text, file, &|name| std::env::var(name).ok())
+}
+
+/// Validates with an explicit environment, so tests need not touch the process's.
+pub fn parse_with_env(
+    text: &str,
+    file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, Vec<Diagnostic>> {
+    validate::validate(text, file, env)
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub state_url: String,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub drain_delay: Duration,
+    pub shutdown_timeout: Duration,
+    pub backends: Vec<BackendSpec>,
+    pub default_backend: BackendId,
+    pub routes: Vec<Route>,
+    /// Same order as `routes`.
+    pub policies: Vec<RoutePolicy>,
+    pub flags: Vec<Flag>,
+    pub sync: Vec<SyncSpec>,
+    pub consistency: Vec<ConsistencySpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// Establishing a TCP connection to an endpoint.
+    pub connect: Duration,
+    /// A client sending its request head.
+    pub header_read: Duration,
+    /// From forwarding a request to receiving the response head.
+    pub request: Duration,
+    /// An idle pooled upstream connection is closed after this.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(2),
+            header_read: Duration::from_secs(10),
+            request: Duration::from_secs(30),
+            idle: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head (request line and headers) accepted, in bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 32 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    pub name: String,
+    pub endpoints: Vec<Endpoint>,
+    pub health: Option<HealthProbe>,
+}
+
+/// An upstream address: scheme and authority, already parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub scheme: http::uri::Scheme,
+    pub authority: http::uri::Authority,
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}://{}", self.scheme, self.authority)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthProbe {
+    pub path: String,
+    pub interval: Duration,
+}
+
+/// Per-route settings that later stages (rollback, failover, rollouts) act on.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RoutePolicy {
+    pub rollback: Option<RollbackSpec>,
+    pub failover: Option<FailoverSpec>,
+    pub rollout: Option<RolloutSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RollbackSpec {
+    pub max_error_rate: Option<f64>,
+    pub max_latency_ratio: Option<f64>,
+    pub window: Duration,
+    pub min_requests: u64,
+    pub min_consistency: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailoverSpec {
+    pub methods: Vec<http::Method>,
+    pub budget: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutSpec {
+    pub steps: Vec<Weight>,
+    pub bake: Duration,
+    pub gates: Gates,
+    pub webhooks: Vec<Webhook>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Gates {
+    pub max_error_rate: Option<f64>,
+    pub max_latency_ratio: Option<f64>,
+    pub max_sync_lag: Option<Duration>,
+    pub min_consistency: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Webhook {
+    pub url: String,
+    pub on: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncSpec {
+    pub name: String,
+    pub source: SyncEnd,
+    pub target: SyncEnd,
+    pub columns: Vec<(String, String)>,
+    pub bidirectional: bool,
+    pub conflict: Conflict,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncEnd {
+    pub url: String,
+    pub table: String,
+    pub key: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Conflict {
+    SourceWins,
+    TargetWins,
+    LastWriteWins { column: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsistencySpec {
+    pub sync: String,
+    /// Keys sampled per second.
+    pub sample_rate: f64,
+    pub window: Duration,
+}

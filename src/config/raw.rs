@@ -1,0 +1,319 @@
+//! Raw configuration: the YAML file exactly as written, before any meaning is checked.
+//!
+//! Every struct denies unknown keys so a typo is an error, not a silently ignored setting.
+//! Nothing here may reach the data plane; `validate` turns it into checked types.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: RawListen,
+    #[serde(default)]
+    pub admin: Option<RawAdmin>,
+    #[serde(default)]
+    pub state: Option<RawState>,
+    #[serde(default)]
+    pub timeouts: Option<RawTimeouts>,
+    #[serde(default)]
+    pub limits: Option<RawLimits>,
+    #[serde(default)]
+    pub drain_delay: Option<String>,
+    #[serde(default)]
+    pub shutdown_timeout: Option<String>,
+    pub backends: BTreeMap<String, RawBackend>,
+    pub default_backend: String,
+    #[serde(default)]
+    pub routes: Vec<RawRoute>,
+    #[serde(default)]
+    pub flags: BTreeMap<String, RawFlag>,
+    #[serde(default)]
+    pub sync: Vec<RawSync>,
+    #[serde(default)]
+    pub consistency: Vec<RawConsistency>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawListen {
+    pub http: String,
+    #[serde(default)]
+    pub https: Option<RawHttps>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHttps {
+    pub addr: String,
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    pub listen: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawState {
+    pub url: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    #[serde(default)]
+    pub connect: Option<String>,
+    #[serde(default)]
+    pub header_read: Option<String>,
+    #[serde(default)]
+    pub request: Option<String>,
+    #[serde(default)]
+    pub idle: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    #[serde(default)]
+    pub max_header_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub health: Option<RawHealth>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealth {
+    pub path: String,
+    #[serde(default)]
+    pub interval: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub name: String,
+    #[serde(rename = "match", default)]
+    pub matcher: RawRouteMatch,
+    pub legacy: String,
+    pub target: String,
+    pub split: RawSplit,
+    #[serde(default)]
+    pub sticky: Option<RawSticky>,
+    #[serde(default)]
+    pub rollback: Option<RawRollback>,
+    #[serde(default)]
+    pub failover: Option<RawFailover>,
+    #[serde(default)]
+    pub rollout: Option<RawRollout>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteMatch {
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: Vec<RawValueMatch>,
+}
+
+/// `name` plus exactly one of `value`, `in`, `present`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawValueMatch {
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default, rename = "in")]
+    pub any_of: Option<Vec<String>>,
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+/// Every key is optional so that "exactly one" can be checked with a position;
+/// serde's enums would report only "unknown variant".
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSplit {
+    #[serde(default)]
+    pub percentage: Option<RawPercentage>,
+    #[serde(default)]
+    pub canary: Option<RawCanary>,
+    #[serde(default)]
+    pub blue_green: Option<RawBlueGreen>,
+    #[serde(default)]
+    pub feature_flag: Option<RawFeatureFlag>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPercentage {
+    pub weight: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCanary {
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+    #[serde(default)]
+    pub weight: f64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBlueGreen {
+    pub active: String,
+    #[serde(default)]
+    pub preview: Option<RawRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFeatureFlag {
+    pub flag: String,
+}
+
+/// A rule holds when every condition written in it holds.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    #[serde(default)]
+    pub header: Option<RawValueMatch>,
+    #[serde(default)]
+    pub cookie: Option<RawValueMatch>,
+    #[serde(default)]
+    pub query: Option<RawValueMatch>,
+    #[serde(default)]
+    pub client_ip: Option<RawCidrs>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawCidrs {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSticky {
+    pub key: String,
+    /// Cookie name for the `generated` key.
+    #[serde(default)]
+    pub cookie: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollback {
+    #[serde(default)]
+    pub max_error_rate: Option<f64>,
+    #[serde(default)]
+    pub max_latency_ratio: Option<f64>,
+    #[serde(default)]
+    pub window: Option<String>,
+    #[serde(default)]
+    pub min_requests: Option<u64>,
+    #[serde(default)]
+    pub min_consistency: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFailover {
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub budget: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRollout {
+    pub steps: Vec<f64>,
+    #[serde(default)]
+    pub bake: Option<String>,
+    #[serde(default)]
+    pub gates: Option<RawGates>,
+    #[serde(default)]
+    pub webhooks: Vec<RawWebhook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGates {
+    #[serde(default)]
+    pub max_error_rate: Option<f64>,
+    #[serde(default)]
+    pub max_latency_ratio: Option<f64>,
+    #[serde(default)]
+    pub max_sync_lag: Option<String>,
+    #[serde(default)]
+    pub min_consistency: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub url: String,
+    #[serde(default)]
+    pub on: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFlag {
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+    #[serde(default)]
+    pub percentage: f64,
+    #[serde(default)]
+    pub sticky: Option<RawSticky>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSync {
+    pub name: String,
+    pub source: RawSyncEnd,
+    pub target: RawSyncEnd,
+    #[serde(default)]
+    pub columns: BTreeMap<String, String>,
+    #[serde(default)]
+    pub direction: Option<String>,
+    #[serde(default)]
+    pub conflict: Option<serde_yaml::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSyncEnd {
+    pub url: String,
+    pub table: String,
+    pub key: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConsistency {
+    pub sync: String,
+    #[serde(default)]
+    pub sample_rate: Option<String>,
+    #[serde(default)]
+    pub window: Option<String>,
+}

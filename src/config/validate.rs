@@ -1,0 +1,984 @@
+//! Raw configuration → validated `Config`, collecting every problem with its position.
+//!
+//! Serde stops at the first structural error (bad YAML, unknown key, wrong type); past that
+//! point every semantic problem in the file is reported at once, each located through the
+//! `PositionIndex` built from the same text.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use http::header::HeaderName;
+use ipnet::IpNet;
+
+use super::position::{Position, PositionIndex};
+use super::raw::*;
+use super::*;
+use crate::dataplane::route::{BackendId, HostMatch, Route, RouteMatcher};
+use crate::dataplane::split::{
+    Condition, DEFAULT_GENERATED_COOKIE, Flag, FlagId, Rule, Side, Split, StickyKey, ValueMatch,
+    Weight,
+};
+
+struct Checker<'a> {
+    file: &'a Path,
+    index: PositionIndex,
+    problems: Vec<Diagnostic>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        let position = self.index.locate(path);
+        self.problems.push(Diagnostic {
+            file: self.file.to_path_buf(),
+            position,
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
+        let Some(text) = text else { return default };
+        match humantime::parse_duration(text.trim()) {
+            Ok(d) if !d.is_zero() => d,
+            Ok(_) => {
+                self.error(path, format!("`{text}` must be longer than zero"));
+                default
+            }
+            Err(_) => {
+                self.error(
+                    path,
+                    format!("`{text}` is not a duration; write e.g. `250ms`, `30s` or `5m`"),
+                );
+                default
+            }
+        }
+    }
+
+    fn weight(&mut self, path: &str, percent: f64) -> Weight {
+        Weight::from_percent(percent).unwrap_or_else(|e| {
+            self.error(path, e.to_string());
+            Weight::ZERO
+        })
+    }
+
+    fn ratio(&mut self, path: &str, value: Option<f64>, min: f64, max: f64) -> Option<f64> {
+        let v = value?;
+        if !(v.is_finite() && v >= min && v <= max) {
+            self.error(
+                path,
+                format!("{v} is out of range: it must be between {min} and {max}"),
+            );
+        }
+        Some(v)
+    }
+
+    fn socket_addr(&mut self, path: &str, text: &str) -> Option<SocketAddr> {
+        text.parse()
+            .map_err(|_| {
+                self.error(
+                    path,
+                    format!("`{text}` is not an address; write e.g. `0.0.0.0:8080` or `[::]:8080`"),
+                );
+            })
+            .ok()
+    }
+
+    /// `${VAR}` expansion, for secrets such as database URLs.
+    fn expand(&mut self, path: &str, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let Some(end) = after.find('}') else {
+                self.error(path, "`${` without a closing `}`");
+                return text.to_string();
+            };
+            let name = &after[..end];
+            match (self.env)(name) {
+                Some(value) => out.push_str(&value),
+                None => self.error(path, format!("environment variable `{name}` is not set")),
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+/// Names beginning with `_` are reserved for the proxy's own metric labels (`_default`).
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+const NAME_RULE: &str = "use letters, digits, `-`, `_` and `.`, not starting with `_`";
+
+pub(super) fn validate(
+    text: &str,
+    file: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, Vec<Diagnostic>> {
+    let raw: RawConfig = match serde_yaml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => return Err(vec![serde_diagnostic(&e, file)]),
+    };
+    let mut c = Checker {
+        file,
+        index: PositionIndex::build(text),
+        problems: Vec::new(),
+        env,
+    };
+    let config = build(&mut c, raw);
+    if c.problems.is_empty() {
+        Ok(config)
+    } else {
+        c.problems
+            .sort_by_key(|d| (d.position.line, d.position.col));
+        Err(c.problems)
+    }
+}
+
+fn serde_diagnostic(e: &serde_yaml::Error, file: &Path) -> Diagnostic {
+    let position = e
+        .location()
+        .map_or(Position { line: 1, col: 1 }, |l| Position {
+            line: l.line(),
+            col: l.column(),
+        });
+    let mut message = e.to_string();
+    // The location is already in front; the library repeats it at the end.
+    if let Some(at) = message.rfind(" at line ") {
+        message.truncate(at);
+    }
+    Diagnostic {
+        file: file.to_path_buf(),
+        position,
+        message,
+    }
+}
+
+fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
+    let listen = c
+        .socket_addr("listen.http", &raw.listen.http)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
+    if raw.listen.https.is_some() {
+        c.error(
+            "listen.https",
+            "TLS termination is not available in this version yet; remove `https` or terminate TLS in front",
+        );
+    }
+    let admin_listen = match &raw.admin {
+        Some(a) => c.socket_addr("admin.listen", &a.listen),
+        None => None,
+    }
+    .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)));
+    let state_url = match &raw.state {
+        Some(s) => c.expand("state.url", &s.url),
+        None => "sqlite://switchyard-state.db".to_string(),
+    };
+    if !(state_url.starts_with("sqlite:")
+        || state_url.starts_with("postgres://")
+        || state_url.starts_with("postgresql://"))
+    {
+        c.error(
+            "state.url",
+            format!("`{state_url}` is not a state store; use `sqlite://FILE` or `postgres://…`"),
+        );
+    }
+
+    let defaults = Timeouts::default();
+    let t = raw.timeouts.as_ref();
+    let timeouts = Timeouts {
+        connect: c.duration(
+            "timeouts.connect",
+            t.and_then(|t| t.connect.as_deref()),
+            defaults.connect,
+        ),
+        header_read: c.duration(
+            "timeouts.header_read",
+            t.and_then(|t| t.header_read.as_deref()),
+            defaults.header_read,
+        ),
+        request: c.duration(
+            "timeouts.request",
+            t.and_then(|t| t.request.as_deref()),
+            defaults.request,
+        ),
+        idle: c.duration(
+            "timeouts.idle",
+            t.and_then(|t| t.idle.as_deref()),
+            defaults.idle,
+        ),
+    };
+    let mut limits = Limits::default();
+    if let Some(max) = raw.limits.as_ref().and_then(|l| l.max_header_bytes) {
+        if !(1024..=1024 * 1024).contains(&max) {
+            c.error(
+                "limits.max_header_bytes",
+                format!("{max} is out of range: it must be between 1024 and 1048576"),
+            );
+        } else {
+            limits.max_header_bytes = max as usize;
+        }
+    }
+    let drain_delay = match raw.drain_delay.as_deref() {
+        Some("0") | Some("0s") => Duration::ZERO,
+        other => c.duration("drain_delay", other, Duration::ZERO),
+    };
+    let shutdown_timeout = c.duration(
+        "shutdown_timeout",
+        raw.shutdown_timeout.as_deref(),
+        Duration::from_secs(30),
+    );
+
+    let (backends, backend_ids) = backends(c, &raw);
+    let default_backend = match backend_ids.get(raw.default_backend.as_str()) {
+        Some(&id) => id,
+        None => {
+            c.error(
+                "default_backend",
+                undefined_backend(&raw.default_backend, &backend_ids),
+            );
+            BackendId(0)
+        }
+    };
+
+    let mut flag_ids = HashMap::new();
+    let mut flags = Vec::new();
+    for (name, rf) in &raw.flags {
+        let path = format!("flags.{name}");
+        if !valid_name(name) {
+            c.error(
+                &path,
+                format!("flag name `{name}` is not valid: {NAME_RULE}"),
+            );
+        }
+        flag_ids.insert(name.clone(), FlagId(flags.len() as u32));
+        let rules = rf
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| rule(c, &format!("{path}.rules[{i}]"), r))
+            .collect();
+        let weight = c.weight(&format!("{path}.percentage"), rf.percentage);
+        let sticky = rf
+            .sticky
+            .as_ref()
+            .and_then(|s| sticky(c, &format!("{path}.sticky"), s));
+        flags.push(Flag {
+            name: name.clone(),
+            rules,
+            weight,
+            sticky,
+        });
+    }
+
+    let mut routes = Vec::new();
+    let mut policies = Vec::new();
+    let mut seen_routes: HashMap<&str, Position> = HashMap::new();
+    for (i, rr) in raw.routes.iter().enumerate() {
+        let path = format!("routes[{i}]");
+        let name_path = format!("{path}.name");
+        if !valid_name(&rr.name) {
+            c.error(
+                &name_path,
+                format!("route name `{}` is not valid: {NAME_RULE}", rr.name),
+            );
+        }
+        let here = c.index.locate(&name_path);
+        if let Some(first) = seen_routes.insert(&rr.name, here) {
+            c.error(
+                &name_path,
+                format!(
+                    "route name `{}` is already used at line {}, column {}",
+                    rr.name, first.line, first.col
+                ),
+            );
+        }
+        let legacy = backend_ref(c, &format!("{path}.legacy"), &rr.legacy, &backend_ids);
+        let target = backend_ref(c, &format!("{path}.target"), &rr.target, &backend_ids);
+        let matcher = route_match(c, &format!("{path}.match"), &rr.matcher);
+        let split = split(c, &format!("{path}.split"), &rr.split, &flag_ids);
+        let sticky = rr
+            .sticky
+            .as_ref()
+            .and_then(|s| sticky(c, &format!("{path}.sticky"), s));
+        routes.push(Route {
+            name: Arc::from(rr.name.as_str()),
+            matcher,
+            legacy,
+            target,
+            split,
+            sticky,
+        });
+        policies.push(policy(c, &path, rr));
+    }
+    // Two routes with an identical match would make the second unreachable.
+    for (i, a) in routes.iter().enumerate() {
+        if let Some(j) = routes[..i].iter().position(|b| b.matcher == a.matcher) {
+            c.error(
+                &format!("routes[{i}].match"),
+                format!("route `{}` matches exactly what route `{}` matches, so it could never be chosen", a.name, routes[j].name),
+            );
+        }
+    }
+
+    let (sync, consistency) = sync_and_consistency(c, &raw);
+
+    Config {
+        listen,
+        admin_listen,
+        state_url,
+        timeouts,
+        limits,
+        drain_delay,
+        shutdown_timeout,
+        backends,
+        default_backend,
+        routes,
+        policies,
+        flags,
+        sync,
+        consistency,
+    }
+}
+
+fn undefined_backend(name: &str, ids: &HashMap<&str, BackendId>) -> String {
+    let mut known: Vec<&str> = ids.keys().copied().collect();
+    known.sort_unstable();
+    format!(
+        "backend `{name}` is not defined; defined backends: {}",
+        known.join(", ")
+    )
+}
+
+fn backend_ref(
+    c: &mut Checker<'_>,
+    path: &str,
+    name: &str,
+    ids: &HashMap<&str, BackendId>,
+) -> BackendId {
+    match ids.get(name) {
+        Some(&id) => id,
+        None => {
+            c.error(path, undefined_backend(name, ids));
+            BackendId(0)
+        }
+    }
+}
+
+fn backends<'r>(
+    c: &mut Checker<'_>,
+    raw: &'r RawConfig,
+) -> (Vec<BackendSpec>, HashMap<&'r str, BackendId>) {
+    let mut specs = Vec::new();
+    let mut ids = HashMap::new();
+    if raw.backends.is_empty() {
+        c.error("backends", "at least one backend is needed");
+    }
+    for (name, rb) in &raw.backends {
+        let path = format!("backends.{name}");
+        if !valid_name(name) {
+            c.error(
+                &path,
+                format!("backend name `{name}` is not valid: {NAME_RULE}"),
+            );
+        }
+        if rb.endpoints.is_empty() {
+            c.error(
+                &format!("{path}.endpoints"),
+                "a backend needs at least one endpoint",
+            );
+        }
+        let endpoints = rb
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| endpoint(c, &format!("{path}.endpoints[{i}]"), e))
+            .collect();
+        let health = rb.health.as_ref().map(|h| {
+            if !h.path.starts_with('/') {
+                c.error(
+                    &format!("{path}.health.path"),
+                    format!("`{}` must start with `/`", h.path),
+                );
+            }
+            HealthProbe {
+                path: h.path.clone(),
+                interval: c.duration(
+                    &format!("{path}.health.interval"),
+                    h.interval.as_deref(),
+                    Duration::from_secs(2),
+                ),
+            }
+        });
+        ids.insert(name.as_str(), BackendId(specs.len() as u32));
+        specs.push(BackendSpec {
+            name: name.clone(),
+            endpoints,
+            health,
+        });
+    }
+    (specs, ids)
+}
+
+fn endpoint(c: &mut Checker<'_>, path: &str, text: &str) -> Option<Endpoint> {
+    let uri: http::Uri = match text.parse() {
+        Ok(u) => u,
+        Err(_) => {
+            c.error(
+                path,
+                format!("`{text}` is not a URL; write e.g. `http://10.0.0.5:8080`"),
+            );
+            return None;
+        }
+    };
+    let (Some(scheme), Some(authority)) = (uri.scheme(), uri.authority()) else {
+        c.error(
+            path,
+            format!("`{text}` needs a scheme and a host, e.g. `http://10.0.0.5:8080`"),
+        );
+        return None;
+    };
+    if scheme != &http::uri::Scheme::HTTP {
+        c.error(
+            path,
+            format!("`{text}`: only `http://` endpoints are supported in this version"),
+        );
+        return None;
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        c.error(
+            path,
+            format!(
+                "`{text}`: an endpoint is scheme, host and port only; the request's path is kept"
+            ),
+        );
+        return None;
+    }
+    Some(Endpoint {
+        scheme: scheme.clone(),
+        authority: authority.clone(),
+    })
+}
+
+fn route_match(c: &mut Checker<'_>, path: &str, raw: &RawRouteMatch) -> RouteMatcher {
+    let host = raw.host.as_ref().map(|h| {
+        let lower = h.trim().to_ascii_lowercase();
+        if lower.is_empty() || lower.contains(['/', ':', ' ']) {
+            c.error(&format!("{path}.host"), format!("`{h}` is not a host name; write e.g. `api.example.com` or `*.example.com` (no port)"));
+        }
+        match lower.strip_prefix('*') {
+            Some(suffix) if suffix.starts_with('.') => HostMatch::Suffix(suffix.to_string()),
+            Some(_) => {
+                c.error(&format!("{path}.host"), format!("`{h}`: a wildcard host must look like `*.example.com`"));
+                HostMatch::Exact(lower)
+            }
+            None => HostMatch::Exact(lower),
+        }
+    });
+    let path_prefix = match &raw.path_prefix {
+        Some(p) if p.starts_with('/') => p.clone(),
+        Some(p) => {
+            c.error(
+                &format!("{path}.path_prefix"),
+                format!("`{p}` must start with `/`"),
+            );
+            "/".to_string()
+        }
+        None => "/".to_string(),
+    };
+    let methods = raw
+        .methods
+        .iter()
+        .enumerate()
+        .filter_map(|(i, m)| method(c, &format!("{path}.methods[{i}]"), m))
+        .collect();
+    let headers = raw
+        .headers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| {
+            let p = format!("{path}.headers[{i}]");
+            Some((header_name(c, &p, &h.name)?, value_match(c, &p, h)))
+        })
+        .collect();
+    RouteMatcher {
+        host,
+        path_prefix,
+        methods,
+        headers,
+    }
+}
+
+fn method(c: &mut Checker<'_>, path: &str, text: &str) -> Option<Method> {
+    let upper = text.to_ascii_uppercase();
+    if upper != text {
+        c.error(
+            path,
+            format!("method `{text}` must be upper case: `{upper}`"),
+        );
+        return None;
+    }
+    Method::from_bytes(text.as_bytes())
+        .map_err(|_| c.error(path, format!("`{text}` is not an HTTP method")))
+        .ok()
+}
+
+fn header_name(c: &mut Checker<'_>, path: &str, name: &str) -> Option<HeaderName> {
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| {
+            c.error(
+                &format!("{path}.name"),
+                format!("`{name}` is not a valid header name"),
+            )
+        })
+        .ok()
+}
+
+fn value_match(c: &mut Checker<'_>, path: &str, raw: &RawValueMatch) -> ValueMatch {
+    match (&raw.value, &raw.any_of, raw.present) {
+        (Some(v), None, None) => ValueMatch::Exact(v.clone()),
+        (None, Some(list), None) if !list.is_empty() => ValueMatch::AnyOf(list.clone()),
+        (None, Some(_), None) => {
+            c.error(&format!("{path}.in"), "`in` needs at least one value");
+            ValueMatch::Present
+        }
+        (None, None, Some(true)) => ValueMatch::Present,
+        (None, None, Some(false)) => {
+            c.error(
+                &format!("{path}.present"),
+                "`present: false` is not supported; a rule matches what is there",
+            );
+            ValueMatch::Present
+        }
+        (None, None, None) => {
+            c.error(
+                path,
+                format!(
+                    "`{}` needs one of `value`, `in` or `present: true`",
+                    raw.name
+                ),
+            );
+            ValueMatch::Present
+        }
+        _ => {
+            c.error(
+                path,
+                format!(
+                    "`{}` has more than one of `value`, `in` and `present`; keep one",
+                    raw.name
+                ),
+            );
+            ValueMatch::Present
+        }
+    }
+}
+
+fn rule(c: &mut Checker<'_>, path: &str, raw: &RawRule) -> Rule {
+    let mut conditions = Vec::new();
+    if let Some(h) = &raw.header
+        && let Some(name) = header_name(c, &format!("{path}.header"), &h.name)
+    {
+        conditions.push(Condition::Header(
+            name,
+            value_match(c, &format!("{path}.header"), h),
+        ));
+    }
+    if let Some(k) = &raw.cookie {
+        conditions.push(Condition::Cookie(
+            k.name.clone(),
+            value_match(c, &format!("{path}.cookie"), k),
+        ));
+    }
+    if let Some(q) = &raw.query {
+        conditions.push(Condition::Query(
+            q.name.clone(),
+            value_match(c, &format!("{path}.query"), q),
+        ));
+    }
+    if let Some(cidrs) = &raw.client_ip {
+        let list: Vec<&String> = match cidrs {
+            RawCidrs::One(s) => vec![s],
+            RawCidrs::Many(v) => v.iter().collect(),
+        };
+        let nets = list
+            .into_iter()
+            .filter_map(|s| {
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        c.error(
+                            &format!("{path}.client_ip"),
+                            format!("`{s}` is not an address or CIDR, e.g. `10.0.0.0/8`"),
+                        )
+                    })
+                    .ok()
+            })
+            .collect();
+        conditions.push(Condition::ClientIp(nets));
+    }
+    if raw.header.is_none()
+        && raw.cookie.is_none()
+        && raw.query.is_none()
+        && raw.client_ip.is_none()
+    {
+        c.error(
+            path,
+            "a rule needs at least one of `header`, `cookie`, `query`, `client_ip`",
+        );
+    }
+    Rule { conditions }
+}
+
+fn split(
+    c: &mut Checker<'_>,
+    path: &str,
+    raw: &RawSplit,
+    flags: &HashMap<String, FlagId>,
+) -> Split {
+    let given: Vec<&str> = [
+        raw.percentage.as_ref().map(|_| "percentage"),
+        raw.canary.as_ref().map(|_| "canary"),
+        raw.blue_green.as_ref().map(|_| "blue_green"),
+        raw.feature_flag.as_ref().map(|_| "feature_flag"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if given.len() != 1 {
+        let msg = if given.is_empty() {
+            "a split needs exactly one of `percentage`, `canary`, `blue_green`, `feature_flag`"
+                .to_string()
+        } else {
+            format!(
+                "a route has exactly one split, but this one has {}",
+                given.join(" and ")
+            )
+        };
+        c.error(path, msg);
+    }
+    if let Some(p) = &raw.percentage {
+        return Split::Percentage {
+            weight: c.weight(&format!("{path}.percentage.weight"), p.weight),
+        };
+    }
+    if let Some(k) = &raw.canary {
+        let rules = k
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| rule(c, &format!("{path}.canary.rules[{i}]"), r))
+            .collect();
+        return Split::Canary {
+            rules,
+            weight: c.weight(&format!("{path}.canary.weight"), k.weight),
+        };
+    }
+    if let Some(bg) = &raw.blue_green {
+        let active = match bg.active.as_str() {
+            "legacy" => Side::Legacy,
+            "target" => Side::Target,
+            other => {
+                c.error(
+                    &format!("{path}.blue_green.active"),
+                    format!("`{other}` is not a side; use `legacy` or `target`"),
+                );
+                Side::Legacy
+            }
+        };
+        let preview = bg
+            .preview
+            .as_ref()
+            .map(|r| rule(c, &format!("{path}.blue_green.preview"), r));
+        return Split::BlueGreen { active, preview };
+    }
+    if let Some(ff) = &raw.feature_flag {
+        return match flags.get(&ff.flag) {
+            Some(&flag) => Split::FeatureFlag { flag },
+            None => {
+                let mut known: Vec<&str> = flags.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                c.error(
+                    &format!("{path}.feature_flag.flag"),
+                    format!(
+                        "flag `{}` is not defined under `flags`; defined flags: {}",
+                        ff.flag,
+                        if known.is_empty() {
+                            "(none)".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+                Split::Percentage {
+                    weight: Weight::ZERO,
+                }
+            }
+        };
+    }
+    Split::Percentage {
+        weight: Weight::ZERO,
+    }
+}
+
+fn sticky(c: &mut Checker<'_>, path: &str, raw: &RawSticky) -> Option<StickyKey> {
+    let key = raw.key.trim();
+    let parsed = if let Some(name) = key.strip_prefix("cookie:") {
+        (!name.is_empty()).then(|| StickyKey::Cookie(name.to_string()))
+    } else if let Some(name) = key.strip_prefix("header:") {
+        HeaderName::from_bytes(name.as_bytes())
+            .ok()
+            .map(StickyKey::Header)
+    } else if key == "client_ip" {
+        Some(StickyKey::ClientIp)
+    } else if key == "generated" {
+        Some(StickyKey::Generated {
+            cookie: raw
+                .cookie
+                .clone()
+                .unwrap_or_else(|| DEFAULT_GENERATED_COOKIE.to_string()),
+        })
+    } else {
+        None
+    };
+    if parsed.is_none() {
+        c.error(&format!("{path}.key"), format!("`{key}` is not a sticky key; use `cookie:NAME`, `header:NAME`, `client_ip` or `generated`"));
+    }
+    if raw.cookie.is_some() && key != "generated" {
+        c.error(
+            &format!("{path}.cookie"),
+            "`cookie` names the cookie of the `generated` key and is only allowed with it",
+        );
+    }
+    if let Some(cookie) = &raw.cookie
+        && (cookie.is_empty()
+            || !cookie
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)))
+    {
+        c.error(
+            &format!("{path}.cookie"),
+            format!("`{cookie}` is not a valid cookie name"),
+        );
+    }
+    parsed
+}
+
+fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
+    let rollback = rr.rollback.as_ref().map(|r| {
+        let p = format!("{path}.rollback");
+        RollbackSpec {
+            max_error_rate: c.ratio(&format!("{p}.max_error_rate"), r.max_error_rate, 0.0, 1.0),
+            max_latency_ratio: c.ratio(
+                &format!("{p}.max_latency_ratio"),
+                r.max_latency_ratio,
+                1.0,
+                1000.0,
+            ),
+            window: c.duration(
+                &format!("{p}.window"),
+                r.window.as_deref(),
+                Duration::from_secs(10),
+            ),
+            min_requests: r.min_requests.unwrap_or(20),
+            min_consistency: c.ratio(&format!("{p}.min_consistency"), r.min_consistency, 0.0, 1.0),
+        }
+    });
+    let failover = rr.failover.as_ref().map(|f| {
+        let p = format!("{path}.failover");
+        let methods = f
+            .methods
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| method(c, &format!("{p}.methods[{i}]"), m))
+            .collect();
+        FailoverSpec {
+            methods,
+            budget: c
+                .ratio(&format!("{p}.budget"), f.budget, 0.0, 1.0)
+                .unwrap_or(0.2),
+        }
+    });
+    let rollout = rr.rollout.as_ref().map(|r| {
+        let p = format!("{path}.rollout");
+        let steps: Vec<Weight> = r.steps.iter().enumerate().map(|(i, s)| c.weight(&format!("{p}.steps[{i}]"), *s)).collect();
+        if steps.is_empty() {
+            c.error(&format!("{p}.steps"), "a rollout needs at least one step");
+        }
+        if steps.windows(2).any(|w| w[0] >= w[1]) {
+            c.error(&format!("{p}.steps"), "rollout steps must rise strictly, e.g. [1, 5, 25, 50, 100]");
+        }
+        let g = r.gates.as_ref();
+        let gates = Gates {
+            max_error_rate: c.ratio(&format!("{p}.gates.max_error_rate"), g.and_then(|g| g.max_error_rate), 0.0, 1.0),
+            max_latency_ratio: c.ratio(&format!("{p}.gates.max_latency_ratio"), g.and_then(|g| g.max_latency_ratio), 1.0, 1000.0),
+            max_sync_lag: g.and_then(|g| g.max_sync_lag.as_deref()).map(|d| c.duration(&format!("{p}.gates.max_sync_lag"), Some(d), Duration::from_millis(500))),
+            min_consistency: c.ratio(&format!("{p}.gates.min_consistency"), g.and_then(|g| g.min_consistency), 0.0, 1.0),
+        };
+        let webhooks = r
+            .webhooks
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let wp = format!("{p}.webhooks[{i}]");
+                if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                    c.error(&format!("{wp}.url"), format!("`{}` is not an http(s) URL", w.url));
+                }
+                for (j, ev) in w.on.iter().enumerate() {
+                    if !["step", "rollback", "promoted", "paused", "aborted"].contains(&ev.as_str()) {
+                        c.error(&format!("{wp}.on[{j}]"), format!("`{ev}` is not an event; use step, rollback, promoted, paused or aborted"));
+                    }
+                }
+                Webhook { url: w.url.clone(), on: w.on.clone() }
+            })
+            .collect();
+        RolloutSpec {
+            steps,
+            bake: c.duration(&format!("{p}.bake"), r.bake.as_deref(), Duration::from_secs(120)),
+            gates,
+            webhooks,
+        }
+    });
+    RoutePolicy {
+        rollback,
+        failover,
+        rollout,
+    }
+}
+
+fn sync_and_consistency(
+    c: &mut Checker<'_>,
+    raw: &RawConfig,
+) -> (Vec<SyncSpec>, Vec<ConsistencySpec>) {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut sync = Vec::new();
+    for (i, s) in raw.sync.iter().enumerate() {
+        let p = format!("sync[{i}]");
+        if let Some(first) = names.insert(&s.name, i) {
+            c.error(
+                &format!("{p}.name"),
+                format!("sync name `{}` is already used by sync[{first}]", s.name),
+            );
+        }
+        let end = |c: &mut Checker<'_>, side: &str, e: &RawSyncEnd| {
+            let ep = format!("{p}.{side}");
+            if e.key.is_empty() {
+                c.error(&format!("{ep}.key"), "a key needs at least one column");
+            }
+            SyncEnd {
+                url: c.expand(&format!("{ep}.url"), &e.url),
+                table: e.table.clone(),
+                key: e.key.clone(),
+            }
+        };
+        let source = end(c, "source", &s.source);
+        let target = end(c, "target", &s.target);
+        let bidirectional = match s.direction.as_deref() {
+            None | Some("one_way") => false,
+            Some("bidirectional") => true,
+            Some(other) => {
+                c.error(
+                    &format!("{p}.direction"),
+                    format!("`{other}` is not a direction; use `one_way` or `bidirectional`"),
+                );
+                false
+            }
+        };
+        let conflict = match &s.conflict {
+            None => Conflict::SourceWins,
+            Some(serde_yaml::Value::String(v)) if v == "source_wins" => Conflict::SourceWins,
+            Some(serde_yaml::Value::String(v)) if v == "target_wins" => Conflict::TargetWins,
+            Some(serde_yaml::Value::Mapping(m)) if m.len() == 1 => {
+                let column = m
+                    .get("last_write_wins")
+                    .and_then(|v| v.get("column"))
+                    .and_then(|v| v.as_str());
+                match column {
+                    Some(col) => Conflict::LastWriteWins {
+                        column: col.to_string(),
+                    },
+                    None => {
+                        c.error(
+                            &format!("{p}.conflict"),
+                            "write `last_write_wins: { column: updated_at }`",
+                        );
+                        Conflict::SourceWins
+                    }
+                }
+            }
+            Some(_) => {
+                c.error(
+                    &format!("{p}.conflict"),
+                    "use `source_wins`, `target_wins` or `last_write_wins: { column: NAME }`",
+                );
+                Conflict::SourceWins
+            }
+        };
+        sync.push(SyncSpec {
+            name: s.name.clone(),
+            source,
+            target,
+            columns: s
+                .columns
+                .iter()
+                .map(|(a, b)| (a.clone(), b.clone()))
+                .collect(),
+            bidirectional,
+            conflict,
+        });
+    }
+    let mut consistency = Vec::new();
+    for (i, k) in raw.consistency.iter().enumerate() {
+        let p = format!("consistency[{i}]");
+        if !names.contains_key(k.sync.as_str()) {
+            c.error(
+                &format!("{p}.sync"),
+                format!("sync `{}` is not defined under `sync`", k.sync),
+            );
+        }
+        let sample_rate = match k.sample_rate.as_deref() {
+            None => 100.0,
+            Some(text) => parse_rate(text).unwrap_or_else(|| {
+                c.error(
+                    &format!("{p}.sample_rate"),
+                    format!("`{text}` is not a rate; write e.g. `200/s` or `600/m`"),
+                );
+                100.0
+            }),
+        };
+        consistency.push(ConsistencySpec {
+            sync: k.sync.clone(),
+            sample_rate,
+            window: c.duration(
+                &format!("{p}.window"),
+                k.window.as_deref(),
+                Duration::from_secs(300),
+            ),
+        });
+    }
+    (sync, consistency)
+}
+
+fn parse_rate(text: &str) -> Option<f64> {
+    let (n, unit) = text.trim().split_once('/')?;
+    let n: f64 = n
+        .trim()
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n > 0.0)?;
+    match unit.trim() {
+        "s" => Some(n),
+        "m" => Some(n / 60.0),
+        _ => None,
+    }
+}

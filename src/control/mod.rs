@@ -1,0 +1,4 @@
+//! The control plane: the admin listener and, as it grows, the state store, audit log and
+//! rollout controller. It changes routing only through `snapshot::Publisher`.
+
+pub mod admin;

@@ -1,0 +1,13 @@
+//! switchyard: a traffic router for strangler-fig migrations.
+//!
+//! The module tree is the architecture: `dataplane` forwards requests from one published
+//! `snapshot`; `config` reads and validates the file; `control` serves the admin listener;
+//! `telemetry` owns metrics and logs; `lifecycle` gives every task the same start/stop shape.
+
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod lifecycle;
+pub mod serve;
+pub mod snapshot;
+pub mod telemetry;

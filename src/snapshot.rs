@@ -1,0 +1,175 @@
+//! `RoutingSnapshot`, the one immutable value the data plane routes from, and `Publisher`,
+//! the one path through which a new snapshot reaches it.
+//!
+//! A request calls `SnapshotHandle::load` once and decides everything from that value; a
+//! change (config reload, and later the admin API and the rollout controller) builds a whole
+//! new snapshot outside the request path and swaps it in with a single store.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use arc_swap::{ArcSwap, Guard};
+
+use crate::config::{Config, Endpoint, Limits, Timeouts};
+use crate::dataplane::route::{BackendId, Route, RouteId, RouteTable};
+use crate::dataplane::split::{Flag, RequestFacts};
+use crate::telemetry::Metrics;
+use crate::telemetry::metrics::{RouteLabels, RouteStats};
+
+/// The metric label for requests that no route matched.
+pub const DEFAULT_ROUTE: &str = "_default";
+
+#[derive(Debug)]
+pub struct Backend {
+    pub name: Arc<str>,
+    pub endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+}
+
+impl Backend {
+    /// Round robin. The counter lives in the snapshot, so a reload restarts the rotation,
+    /// which is harmless.
+    pub fn pick(&self) -> &Endpoint {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.endpoints[n % self.endpoints.len()]
+    }
+}
+
+#[derive(Debug)]
+pub struct RoutingSnapshot {
+    /// Increases by one with every publish; logged so a change can be traced to a request.
+    pub version: u64,
+    pub routes: Vec<Route>,
+    pub table: RouteTable,
+    pub backends: Vec<Backend>,
+    pub default_backend: BackendId,
+    pub flags: Vec<Flag>,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    /// Same order as `routes`.
+    pub stats: Vec<RouteStats>,
+    pub default_stats: RouteStats,
+}
+
+impl RoutingSnapshot {
+    pub fn build(version: u64, config: &Config, metrics: &Metrics) -> RoutingSnapshot {
+        let backends = config
+            .backends
+            .iter()
+            .map(|b| Backend {
+                name: Arc::from(b.name.as_str()),
+                endpoints: b.endpoints.clone(),
+                next: AtomicUsize::new(0),
+            })
+            .collect();
+        let routes = config.routes.clone();
+        RoutingSnapshot {
+            version,
+            table: RouteTable::build(&routes),
+            stats: routes
+                .iter()
+                .map(|r| metrics.route_stats(&r.name))
+                .collect(),
+            default_stats: metrics.route_stats(&Arc::from(DEFAULT_ROUTE)),
+            routes,
+            backends,
+            default_backend: config.default_backend,
+            flags: config.flags.clone(),
+            timeouts: config.timeouts,
+            limits: config.limits,
+        }
+    }
+
+    pub fn find_route(&self, req: &RequestFacts<'_>) -> Option<RouteId> {
+        self.table.find(&self.routes, req)
+    }
+
+    pub fn route(&self, id: RouteId) -> &Route {
+        &self.routes[id.0 as usize]
+    }
+
+    pub fn backend(&self, id: BackendId) -> &Backend {
+        &self.backends[id.0 as usize]
+    }
+}
+
+/// Read side: cheap to clone, handed to every connection.
+#[derive(Clone)]
+pub struct SnapshotHandle {
+    current: Arc<ArcSwap<RoutingSnapshot>>,
+}
+
+impl SnapshotHandle {
+    pub fn load(&self) -> Guard<Arc<RoutingSnapshot>> {
+        self.current.load()
+    }
+}
+
+/// Write side: the only place that stores a snapshot.
+pub struct Publisher {
+    current: Arc<ArcSwap<RoutingSnapshot>>,
+    metrics: Arc<Metrics>,
+    version: AtomicU64,
+    /// Serialises publishers so versions and gauges move in the order snapshots do.
+    publishing: std::sync::Mutex<()>,
+}
+
+impl Publisher {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Publisher {
+        let first = RoutingSnapshot::build(1, config, &metrics);
+        update_weight_gauges(&metrics, None, &first);
+        Publisher {
+            current: Arc::new(ArcSwap::from_pointee(first)),
+            metrics,
+            version: AtomicU64::new(1),
+            publishing: std::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn handle(&self) -> SnapshotHandle {
+        SnapshotHandle {
+            current: self.current.clone(),
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Builds a snapshot from a validated config and swaps it in. Returns its version.
+    pub fn publish(&self, config: &Config) -> u64 {
+        let _guard = self
+            .publishing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
+        let next = RoutingSnapshot::build(version, config, &self.metrics);
+        let previous = self.current.swap(Arc::new(next));
+        update_weight_gauges(&self.metrics, Some(&previous), &self.current.load());
+        version
+    }
+}
+
+fn update_weight_gauges(
+    metrics: &Metrics,
+    previous: Option<&RoutingSnapshot>,
+    next: &RoutingSnapshot,
+) {
+    if let Some(previous) = previous {
+        for route in &previous.routes {
+            if !next.routes.iter().any(|r| r.name == route.name) {
+                metrics.route_weight.remove(&RouteLabels {
+                    route: route.name.clone(),
+                });
+            }
+        }
+    }
+    for route in &next.routes {
+        metrics
+            .route_weight
+            .get_or_create(&RouteLabels {
+                route: route.name.clone(),
+            })
+            .set(route.split.effective_weight(&next.flags).percent());
+    }
+}
