@@ -43,7 +43,8 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(settings.max_header_bytes as u32);
+        // Like HTTP/1: hyper's own limit sits above ours so the proxy answers with JSON.
+        .max_header_list_size(((settings.max_header_bytes * 2).max(64 * 1024)) as u32);
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
 

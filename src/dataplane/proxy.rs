@@ -19,11 +19,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rand::RngExt;
 
+use super::decision::Decision;
 use super::head_guard::HeadVerdicts;
 use super::rescue::ProxyError;
-use super::split::{Bucket, KeyMaterial, RequestFacts, Side, Split, StickyKey, decide};
+use super::split::{RequestFacts, Side};
 use crate::config::{Endpoint, Timeouts};
-use crate::snapshot::{RoutingSnapshot, SnapshotHandle};
+use crate::snapshot::SnapshotHandle;
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
@@ -89,6 +90,18 @@ impl Proxy {
             return error.into_response(None).map(Either::Right);
         }
 
+        // HTTP/1 heads are measured by the head guard as they arrive; HTTP/2 ones only here.
+        if req.version() == Version::HTTP_2
+            && header_list_size(req.headers()) > snapshot.limits.max_header_bytes
+        {
+            let error = ProxyError::BadRequest {
+                code: "head_too_large",
+                message: "the request's headers are larger than limits.max_header_bytes",
+                status: StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            };
+            return error.into_response(None).map(Either::Right);
+        }
+
         let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(id) if !id.is_empty() => id.clone(),
             _ => new_request_id(),
@@ -132,7 +145,7 @@ impl Proxy {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
                 let error = classify(e, &backend.name, endpoint);
-                tracing::warn!(request_id = ?request_id, backend = %backend.name, %endpoint, error = %error, "upstream request failed");
+                tracing::warn!(request_id = request_id.to_str().unwrap_or(""), backend = %backend.name, %endpoint, error = %error, "upstream request failed");
                 let response = error.into_response(Some(&request_id));
                 stats.record(response.status().as_u16(), started.elapsed());
                 return response.map(Either::Right);
@@ -143,7 +156,7 @@ impl Proxy {
                     endpoint: endpoint.to_string(),
                     timeout_ms: snapshot.timeouts.request.as_millis(),
                 };
-                tracing::warn!(request_id = ?request_id, backend = %backend.name, %endpoint, "upstream request timed out");
+                tracing::warn!(request_id = request_id.to_str().unwrap_or(""), backend = %backend.name, %endpoint, "upstream request timed out");
                 let response = error.into_response(Some(&request_id));
                 stats.record(response.status().as_u16(), started.elapsed());
                 return response.map(Either::Right);
@@ -216,75 +229,6 @@ impl Proxy {
     }
 }
 
-/// Where a request goes, decided from one snapshot.
-struct Decision {
-    route: Option<usize>,
-    backend: crate::dataplane::route::BackendId,
-    side: Side,
-    set_cookie: Option<HeaderValue>,
-}
-
-impl Decision {
-    fn make(snapshot: &RoutingSnapshot, facts: &RequestFacts<'_>) -> Decision {
-        let Some(id) = snapshot.find_route(facts) else {
-            return Decision {
-                route: None,
-                backend: snapshot.default_backend,
-                side: Side::Legacy,
-                set_cookie: None,
-            };
-        };
-        let route = snapshot.route(id);
-        // A feature flag keeps its own users: its name and (when set) its key decide the
-        // bucket, so one flag gives a user the same answer on every route that uses it.
-        let (name, sticky): (&str, Option<&StickyKey>) = match &route.split {
-            Split::FeatureFlag { flag } => {
-                let flag = &snapshot.flags[flag.0 as usize];
-                (&flag.name, flag.sticky.as_ref().or(route.sticky.as_ref()))
-            }
-            _ => (&route.name, route.sticky.as_ref()),
-        };
-        let (bucket, set_cookie) = sticky_bucket(name, sticky, facts);
-        let side = decide(&route.split, &snapshot.flags, facts, bucket);
-        Decision {
-            route: Some(id.0 as usize),
-            backend: match side {
-                Side::Legacy => route.legacy,
-                Side::Target => route.target,
-            },
-            side,
-            set_cookie,
-        }
-    }
-}
-
-fn sticky_bucket(
-    name: &str,
-    sticky: Option<&StickyKey>,
-    facts: &RequestFacts<'_>,
-) -> (Bucket, Option<HeaderValue>) {
-    let Some(key) = sticky else {
-        return (random_bucket(), None);
-    };
-    let material = key.extract(facts);
-    if let Some(bucket) = material.bucket(name) {
-        return (bucket, None);
-    }
-    match (key, material) {
-        (StickyKey::Generated { cookie }, KeyMaterial::Missing) => {
-            let id = format!("{:032x}", rand::rng().random::<u128>());
-            let bucket = Bucket::of(name, id.as_bytes());
-            let value = format!("{cookie}={id}; Path=/; Max-Age=31536000; HttpOnly; SameSite=Lax");
-            (bucket, HeaderValue::from_str(&value).ok())
-        }
-        _ => (random_bucket(), None),
-    }
-}
-
-fn random_bucket() -> Bucket {
-    Bucket::from_random(rand::rng().random())
-}
-
 fn new_request_id() -> HeaderValue {
     let id = uuid::Builder::from_random_bytes(rand::rng().random()).into_uuid();
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
@@ -353,14 +297,31 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 fn append_forwarded_for(headers: &mut HeaderMap, client_ip: IpAddr) {
-    let ip = client_ip.to_string();
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
-        _ => ip,
-    };
-    if let Ok(value) = HeaderValue::from_str(&value) {
+    // A client or an earlier proxy may have sent several lines; all of them are the chain.
+    let mut chain = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !chain.is_empty() {
+        chain.push_str(", ");
+    }
+    chain.push_str(&client_ip.to_string());
+    if let Ok(value) = HeaderValue::from_str(&chain) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
+}
+
+/// The size HTTP/2 accounts for a header list (RFC 9113 §6.5.2): name, value and 32 bytes
+/// of overhead per field.
+fn header_list_size(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
 }
 
 fn classify(
@@ -436,6 +397,13 @@ mod tests {
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1");
         append_forwarded_for(&mut headers, "10.0.0.2".parse().unwrap());
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2");
+        headers.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.3"));
+        append_forwarded_for(&mut headers, "10.0.0.4".parse().unwrap());
+        assert_eq!(
+            headers[&X_FORWARDED_FOR],
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4"
+        );
+        assert_eq!(headers.get_all(&X_FORWARDED_FOR).iter().count(), 1);
     }
 
     #[test]

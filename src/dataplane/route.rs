@@ -101,54 +101,99 @@ pub struct Route {
     pub sticky: Option<StickyKey>,
 }
 
-/// The routes in matching order, with an index from exact host to candidates.
+/// Routes indexed for matching: exact-host routes outrank wildcard-host routes, which
+/// outrank host-less ones; within each class a trie over path segments yields the deepest
+/// prefixes first, so a request visits only the routes on its own path.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
-    /// Candidates for a host that has exact-host routes, in specificity order.
-    by_host: HashMap<String, Box<[u32]>>,
-    /// Candidates for any other host (wildcard-host and host-less routes).
-    others: Box<[u32]>,
+    by_host: HashMap<String, PrefixTrie>,
+    wildcard: PrefixTrie,
+    plain: PrefixTrie,
 }
 
 impl RouteTable {
     pub fn build(routes: &[Route]) -> RouteTable {
         let mut order: Vec<u32> = (0..routes.len() as u32).collect();
-        // Stable, so equally specific routes keep the order they were written in.
+        // Stable, so equally specific routes keep the order they were written in; each trie
+        // node then holds its routes in matching order.
         order.sort_by_key(|&i| std::cmp::Reverse(routes[i as usize].matcher.specificity()));
-
-        let others: Box<[u32]> = order
-            .iter()
-            .copied()
-            .filter(|&i| !matches!(routes[i as usize].matcher.host, Some(HostMatch::Exact(_))))
-            .collect();
-        let mut by_host: HashMap<String, Vec<u32>> = HashMap::new();
-        for &i in &order {
-            if let Some(HostMatch::Exact(host)) = &routes[i as usize].matcher.host {
-                by_host.entry(host.clone()).or_default().push(i);
-            }
+        let mut table = RouteTable::default();
+        for i in order {
+            let matcher = &routes[i as usize].matcher;
+            let trie = match &matcher.host {
+                Some(HostMatch::Exact(host)) => table.by_host.entry(host.clone()).or_default(),
+                Some(HostMatch::Suffix(_)) => &mut table.wildcard,
+                None => &mut table.plain,
+            };
+            trie.insert(&matcher.path_prefix, i);
         }
-        let by_host = by_host
-            .into_iter()
-            .map(|(host, mut exact)| {
-                // Exact-host routes outrank everything else, so they simply go first.
-                exact.extend(others.iter().copied());
-                (host, exact.into_boxed_slice())
-            })
-            .collect();
-        RouteTable { by_host, others }
+        table
     }
 
     /// The most specific route that matches, or `None` for the default backend.
     pub fn find(&self, routes: &[Route], req: &RequestFacts<'_>) -> Option<RouteId> {
-        let candidates = req
-            .host
+        req.host
             .and_then(|h| self.by_host.get(h))
-            .unwrap_or(&self.others);
-        candidates
+            .and_then(|trie| trie.find(routes, req))
+            .or_else(|| self.wildcard.find(routes, req))
+            .or_else(|| self.plain.find(routes, req))
+            .map(RouteId)
+    }
+}
+
+/// A node per path segment of the configured prefixes.
+#[derive(Debug, Clone, Default)]
+struct PrefixTrie {
+    /// Sorted by segment, for binary search.
+    children: Vec<(Box<str>, PrefixTrie)>,
+    /// Routes whose prefix ends here, in matching order.
+    routes: Vec<u32>,
+}
+
+impl PrefixTrie {
+    fn insert(&mut self, prefix: &str, route: u32) {
+        let mut node = self;
+        for segment in prefix.split('/').filter(|s| !s.is_empty()) {
+            let at = match node.children.binary_search_by(|(k, _)| (**k).cmp(segment)) {
+                Ok(at) => at,
+                Err(at) => {
+                    node.children
+                        .insert(at, (segment.into(), PrefixTrie::default()));
+                    at
+                }
+            };
+            node = &mut node.children[at].1;
+        }
+        node.routes.push(route);
+    }
+
+    fn find(&self, routes: &[Route], req: &RequestFacts<'_>) -> Option<u32> {
+        let mut segments = req.path.split('/');
+        // The path starts with `/`; its first piece is empty.
+        segments.next();
+        self.find_from(&mut segments, routes, req)
+    }
+
+    /// Deeper first; recursion depth is bounded by the deepest configured prefix, not by
+    /// the request's path.
+    fn find_from<'p>(
+        &self,
+        segments: &mut std::str::Split<'p, char>,
+        routes: &[Route],
+        req: &RequestFacts<'_>,
+    ) -> Option<u32> {
+        if let Some(segment) = segments.next()
+            && let Ok(at) = self.children.binary_search_by(|(k, _)| (**k).cmp(segment))
+            && let Some(found) = self.children[at].1.find_from(segments, routes, req)
+        {
+            return Some(found);
+        }
+        // The full check stays: it holds the segment-boundary rule, trailing slashes,
+        // hosts, methods and headers.
+        self.routes
             .iter()
             .copied()
             .find(|&i| routes[i as usize].matcher.matches(req))
-            .map(RouteId)
     }
 }
 
@@ -271,6 +316,36 @@ mod tests {
             find(&routes, &Method::GET, None, "/api/users/admin"),
             Some("deep")
         );
+    }
+
+    #[test]
+    fn trailing_slash_and_root_prefixes() {
+        let routes = vec![
+            route("root", None, "/", &[]),
+            route("slash", None, "/api/users/", &[]),
+            route("bare", None, "/api", &[]),
+        ];
+        assert_eq!(
+            find(&routes, &Method::GET, None, "/api/users/1"),
+            Some("slash")
+        );
+        assert_eq!(
+            find(&routes, &Method::GET, None, "/api/users"),
+            Some("bare")
+        );
+        assert_eq!(find(&routes, &Method::GET, None, "/apix"), Some("root"));
+        assert_eq!(
+            find(&routes, &Method::GET, None, "/api//users/1"),
+            Some("bare")
+        );
+        assert_eq!(find(&routes, &Method::GET, None, "/"), Some("root"));
+    }
+
+    #[test]
+    fn a_deep_request_path_does_not_recurse_past_the_trie() {
+        let routes = vec![route("api", None, "/api", &[])];
+        let deep = format!("/api{}", "/x".repeat(100_000));
+        assert_eq!(find(&routes, &Method::GET, None, &deep), Some("api"));
     }
 
     #[test]
