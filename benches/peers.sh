@@ -16,4 +16,4 @@ for _ in $(seq 100); do
   curl -fs -o /dev/null http://127.0.0.1:9901/readyz && break
   sleep 0.1
 done
-PUT_PID=$PID "$PEERS" 127.0.0.1:8080 | tee /tmp/switchyard-peers.txt
+PUT_H2=${PUT_H2:-127.0.0.1:8080} PUT_PID=$PID "$PEERS" 127.0.0.1:8080 | tee /tmp/switchyard-peers.txt

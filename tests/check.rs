@@ -598,27 +598,36 @@ fn yaml_syntax_error_has_a_position() {
     assert_eq!((found[0].line, found[0].col), (8, 1), "{}", out.stdout);
 }
 
-// Known defects, kept as ready-made regression tests: `cargo test --test check -- --ignored`.
+// YAML maps keep the last of two equal keys silently; the position index reports them.
 
 #[test]
-#[ignore = "bug: a backend defined twice passes `check`; the second silently replaces the first"]
 fn duplicate_backend_names() {
     let text = base_with(&[(
         "  target:\n",
         "  legacy: { endpoints: [\"http://127.0.0.1:9003\"] }\n  target:\n",
     )]);
-    expect_one(&text, 9, 3, "legacy:", &["legacy"]);
+    expect_one(
+        &text,
+        9,
+        3,
+        "legacy:",
+        &["backends.legacy", "written twice"],
+    );
 }
 
 #[test]
-#[ignore = "bug: a flag defined twice passes `check`; the second silently replaces the first"]
 fn duplicate_flag_names() {
     let text = base_with(&[("sync:\n", "  new-search: { percentage: 90 }\nsync:\n")]);
-    expect_one(&text, 37, 3, "new-search:", &["new-search"]);
+    expect_one(
+        &text,
+        37,
+        3,
+        "new-search:",
+        &["flags.new-search", "written twice"],
+    );
 }
 
 #[test]
-#[ignore = "bug: a duplicate key is reported at the start of its mapping (1:1 at top level), not where the repeat is written"]
 fn duplicate_key_points_at_the_repeat() {
     let text = base_with(&[("drain_delay: 0s\n", "drain_delay: 0s\ndrain_delay: 5s\n")]);
     expect_one(
@@ -626,6 +635,6 @@ fn duplicate_key_points_at_the_repeat() {
         6,
         1,
         "drain_delay",
-        &["duplicate field `drain_delay`"],
+        &["`drain_delay` is written twice", "line 5"],
     );
 }

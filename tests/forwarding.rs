@@ -512,3 +512,34 @@ async fn request_metrics_count_codes_and_durations() {
         r#"switchyard_request_duration_seconds_count{route="_default",side="legacy"}"#;
     assert_eq!(proxy.metric(default_count).await, Some(1.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_head_is_cut_off_after_header_read() {
+    let legacy = Backend::start("legacy").await;
+    let target = Backend::start("target").await;
+    let proxy = Switchyard::start(&legacy_only(
+        "timeouts: { header_read: 300ms }\n",
+        &legacy,
+        &target,
+    ));
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    // A head that never ends: no blank line.
+    stream
+        .write_all(b"GET /api/users/1 HTTP/1.1\r\nHost: x\r\nX-Slow: 1\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let elapsed = started.elapsed();
+    assert!(read.is_ok(), "the proxy kept the connection open for 5 s");
+    assert!(
+        elapsed >= Duration::from_millis(300),
+        "closed after {elapsed:?}, before the header_read timeout"
+    );
+    assert_eq!(legacy.requests(), 0, "an unfinished head was forwarded");
+
+    // The same proxy still serves a client that sends its head promptly.
+    let (status, _, _) = get(&proxy.url("/api/users/1"), &[]).await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -38,10 +38,20 @@ struct Entry {
     value: Option<Position>,
 }
 
+/// A key written twice in one mapping. serde would keep the last value of a map silently
+/// and report a struct's duplicate at the mapping's start, so the index reports them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateKey {
+    pub path: String,
+    pub first: Position,
+    pub again: Position,
+}
+
 /// Path → position of the key and value found there, for the first YAML document of a text.
 #[derive(Debug, Default, Clone)]
 pub struct PositionIndex {
     entries: HashMap<String, Entry>,
+    duplicates: Vec<DuplicateKey>,
 }
 
 /// What the next node inside an open collection will be.
@@ -131,8 +141,21 @@ impl PositionIndex {
                     };
                     if let Some(child) = &child {
                         let entry = self.entries.entry(child.clone()).or_default();
-                        // Duplicate keys are the serde parse's error to report; keep the first.
-                        entry.key.get_or_insert(start);
+                        // Keys under a repeated key repeat too; the outer repeat says it all.
+                        let under_repeat = self.duplicates.iter().any(|d| {
+                            child
+                                .strip_prefix(d.path.as_str())
+                                .is_some_and(|rest| rest.starts_with(['.', '[']))
+                        });
+                        match entry.key {
+                            Some(_) if under_repeat => {}
+                            Some(first) => self.duplicates.push(DuplicateKey {
+                                path: child.clone(),
+                                first,
+                                again: start,
+                            }),
+                            None => entry.key = Some(start),
+                        }
                     }
                     *pending_key = Some(child);
                     None
@@ -153,6 +176,11 @@ impl PositionIndex {
     }
 
     /// Position of the VALUE at this path, e.g. "routes[2].split.percentage.weight", "backends.monolith", "flags.new-users-api.percentage", "routes[0].match.methods[1]".
+    /// Keys written more than once in the same mapping, in the order they repeat.
+    pub fn duplicate_keys(&self) -> &[DuplicateKey] {
+        &self.duplicates
+    }
+
     pub fn value(&self, path: &str) -> Option<Position> {
         self.entries.get(path).and_then(|e| e.value)
     }

@@ -127,13 +127,28 @@ pub(super) fn validate(
     file: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, Vec<Diagnostic>> {
+    let index = PositionIndex::build(text);
+    if !index.duplicate_keys().is_empty() {
+        return Err(index
+            .duplicate_keys()
+            .iter()
+            .map(|d| Diagnostic {
+                file: file.to_path_buf(),
+                position: d.again,
+                message: format!(
+                    "`{}` is written twice; the first is at line {}, column {}",
+                    d.path, d.first.line, d.first.col
+                ),
+            })
+            .collect());
+    }
     let raw: RawConfig = match serde_yaml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => return Err(vec![serde_diagnostic(&e, file)]),
     };
     let mut c = Checker {
         file,
-        index: PositionIndex::build(text),
+        index,
         problems: Vec::new(),
         env,
     };
@@ -155,8 +170,13 @@ fn serde_diagnostic(e: &serde_yaml::Error, file: &Path) -> Diagnostic {
             col: l.column(),
         });
     let mut message = e.to_string();
-    // The location is already in front; the library repeats it at the end.
-    if let Some(at) = message.rfind(" at line ") {
+    // The location is already in front; drop the library's copy when it merely ends the
+    // message, but keep it when more follows (it then names where a construct began).
+    if let Some(at) = message.rfind(" at line ")
+        && message[at + 9..]
+            .split(" column ")
+            .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    {
         message.truncate(at);
     }
     Diagnostic {
