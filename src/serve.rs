@@ -59,7 +59,11 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
 
     let reloader = ConfigReloader::new(config_path, publisher.clone(), config.clone())
         .start(rest_shutdown.clone())?;
-    let proxy = Arc::new(Proxy::new(publisher.handle(), &config.timeouts));
+    let proxy = Arc::new(Proxy::new(
+        publisher.handle(),
+        &config.timeouts,
+        &config.limits,
+    ));
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,
         max_header_bytes: config.limits.max_header_bytes,

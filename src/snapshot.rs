@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::{ArcSwap, Guard};
 
-use crate::config::{Config, Endpoint, Limits, Timeouts};
+use crate::config::{Config, Endpoint, Timeouts};
 use crate::dataplane::route::{BackendId, Route, RouteId, RouteTable};
 use crate::dataplane::split::{Flag, RequestFacts};
 use crate::telemetry::Metrics;
@@ -44,8 +44,8 @@ pub struct RoutingSnapshot {
     pub backends: Vec<Backend>,
     pub default_backend: BackendId,
     pub flags: Vec<Flag>,
+    /// Only `request` is read per request; the others are fixed when listeners start.
     pub timeouts: Timeouts,
-    pub limits: Limits,
     /// Same order as `routes`.
     pub stats: Vec<RouteStats>,
     pub default_stats: RouteStats,
@@ -76,7 +76,6 @@ impl RoutingSnapshot {
             default_backend: config.default_backend,
             flags: config.flags.clone(),
             timeouts: config.timeouts,
-            limits: config.limits,
         }
     }
 

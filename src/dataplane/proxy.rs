@@ -23,7 +23,7 @@ use super::decision::Decision;
 use super::head_guard::HeadVerdicts;
 use super::rescue::ProxyError;
 use super::split::{RequestFacts, Side};
-use crate::config::{Endpoint, Timeouts};
+use crate::config::{Endpoint, Limits, Timeouts};
 use crate::snapshot::SnapshotHandle;
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
@@ -51,12 +51,14 @@ pub struct Proxy {
     client: Client<HttpConnector, Incoming>,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     scheme: HeaderValue,
+    /// Fixed at start like the listener's buffers it must agree with.
+    max_header_bytes: usize,
 }
 
 impl Proxy {
     /// The upstream pool is built once and outlives snapshots, so a reload keeps every
     /// warm upstream connection.
-    pub fn new(snapshots: SnapshotHandle, timeouts: &Timeouts) -> Proxy {
+    pub fn new(snapshots: SnapshotHandle, timeouts: &Timeouts, limits: &Limits) -> Proxy {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(timeouts.connect));
         connector.set_nodelay(true);
@@ -69,6 +71,7 @@ impl Proxy {
             snapshots,
             client,
             scheme: HeaderValue::from_static("http"),
+            max_header_bytes: limits.max_header_bytes,
         }
     }
 
@@ -92,7 +95,7 @@ impl Proxy {
 
         // HTTP/1 heads are measured by the head guard as they arrive; HTTP/2 ones only here.
         if req.version() == Version::HTTP_2
-            && header_list_size(req.headers()) > snapshot.limits.max_header_bytes
+            && header_list_size(req.headers()) > self.max_header_bytes
         {
             let error = ProxyError::BadRequest {
                 code: "head_too_large",
