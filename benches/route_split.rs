@@ -69,6 +69,36 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // The parts, so a regression can be traced to one of them.
+    group.bench_function("bucket_only", |b| {
+        b.iter(|| {
+            black_box(switchyard::dataplane::split::Bucket::of(
+                black_box("r99"),
+                black_box(b"5f2c9a1e-77b0-4c1d-9d0e-3a4b5c6d7e8f"),
+            ))
+        })
+    });
+    group.bench_function("cookie_only", |b| {
+        b.iter(|| {
+            black_box(switchyard::dataplane::split::cookie_value(
+                black_box(&headers),
+                black_box("session_id"),
+            ))
+        })
+    });
+    group.bench_function("find_only", |b| {
+        b.iter(|| {
+            let facts = RequestFacts {
+                method: &Method::GET,
+                host: Some("www.example.com"),
+                path: black_box("/api/svc99/orders/42"),
+                query: None,
+                headers: &headers,
+                client_ip: [10, 0, 0, 1].into(),
+            };
+            black_box(snapshot.find_route(&facts))
+        })
+    });
     group.finish();
 }
 

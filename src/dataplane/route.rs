@@ -104,9 +104,15 @@ pub struct Route {
 /// Routes indexed for matching: exact-host routes outrank wildcard-host routes, which
 /// outrank host-less ones; within each class a trie over path segments yields the deepest
 /// prefixes first, so a request visits only the routes on its own path.
+/// Hosts and path segments are short strings looked up on every request; foldhash (the
+/// hasher hashbrown itself defaults to) is several times cheaper than SipHash there, and is
+/// still seeded per process. The tables are built from the config, so a client cannot
+/// grow them to exploit collisions.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
-    by_host: HashMap<String, PrefixTrie>,
+    by_host: FastMap<String, PrefixTrie>,
     wildcard: PrefixTrie,
     plain: PrefixTrie,
 }
@@ -133,6 +139,7 @@ impl RouteTable {
     /// The most specific route that matches, or `None` for the default backend.
     pub fn find(&self, routes: &[Route], req: &RequestFacts<'_>) -> Option<RouteId> {
         req.host
+            .filter(|_| !self.by_host.is_empty())
             .and_then(|h| self.by_host.get(h))
             .and_then(|trie| trie.find(routes, req))
             .or_else(|| self.wildcard.find(routes, req))
@@ -144,8 +151,7 @@ impl RouteTable {
 /// A node per path segment of the configured prefixes.
 #[derive(Debug, Clone, Default)]
 struct PrefixTrie {
-    /// Sorted by segment, for binary search.
-    children: Vec<(Box<str>, PrefixTrie)>,
+    children: FastMap<Box<str>, PrefixTrie>,
     /// Routes whose prefix ends here, in matching order.
     routes: Vec<u32>,
 }
@@ -154,15 +160,7 @@ impl PrefixTrie {
     fn insert(&mut self, prefix: &str, route: u32) {
         let mut node = self;
         for segment in prefix.split('/').filter(|s| !s.is_empty()) {
-            let at = match node.children.binary_search_by(|(k, _)| (**k).cmp(segment)) {
-                Ok(at) => at,
-                Err(at) => {
-                    node.children
-                        .insert(at, (segment.into(), PrefixTrie::default()));
-                    at
-                }
-            };
-            node = &mut node.children[at].1;
+            node = node.children.entry(segment.into()).or_default();
         }
         node.routes.push(route);
     }
@@ -182,9 +180,10 @@ impl PrefixTrie {
         routes: &[Route],
         req: &RequestFacts<'_>,
     ) -> Option<u32> {
-        if let Some(segment) = segments.next()
-            && let Ok(at) = self.children.binary_search_by(|(k, _)| (**k).cmp(segment))
-            && let Some(found) = self.children[at].1.find_from(segments, routes, req)
+        if !self.children.is_empty()
+            && let Some(segment) = segments.next()
+            && let Some(child) = self.children.get(segment)
+            && let Some(found) = child.find_from(segments, routes, req)
         {
             return Some(found);
         }

@@ -363,7 +363,7 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> 
             let pair = pair.trim_ascii();
             let eq = memchr::memchr(b'=', pair)?;
             (&pair[..eq] == name.as_bytes()).then(|| {
-                let value = &pair[eq + 1..];
+                let value = pair[eq + 1..].trim_ascii();
                 value
                     .strip_prefix(b"\"")
                     .and_then(|v| v.strip_suffix(b"\""))
@@ -489,6 +489,20 @@ mod tests {
         assert_eq!(cookie_value(&headers, "b"), Some(&b"q"[..]));
         assert_eq!(cookie_value(&headers, "late"), Some(&b"2"[..]));
         assert_eq!(cookie_value(&headers, "session"), None);
+        assert_eq!(
+            cookie_value(&headers, "id"),
+            None,
+            "a suffix of another name is not the name"
+        );
+        let mut tricky = HeaderMap::new();
+        tricky.append(COOKIE, HeaderValue::from_static("xid=1; id=2"));
+        assert_eq!(cookie_value(&tricky, "id"), Some(&b"2"[..]));
+        tricky.insert(COOKIE, HeaderValue::from_static("a=id=3; id=4"));
+        assert_eq!(
+            cookie_value(&tricky, "id"),
+            Some(&b"4"[..]),
+            "a name inside a value is not the name"
+        );
         assert_eq!(
             query_value(Some("x=1&beta=on&flag"), "beta"),
             Some(&b"on"[..])
