@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod dataplane;
 pub mod lifecycle;
 pub mod serve;

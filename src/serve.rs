@@ -11,6 +11,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::config::reload::{ConfigReloader, ReloadError};
 use crate::config::{self, ConfigError};
 use crate::control::admin;
+use crate::control::auth::{AuthError, Tokens};
+use crate::control::plane::ControlPlane;
 use crate::dataplane::listener::{self, ListenerSettings};
 use crate::dataplane::proxy::Proxy;
 use crate::lifecycle::{Readiness, shutdown_pair};
@@ -31,6 +33,12 @@ pub enum ServeError {
     Reload(#[from] ReloadError),
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+    #[error(
+        "admin.listen {0} is not a loopback address, so the admin API needs a token: set SWITCHYARD_ADMIN_TOKEN or admin.tokens_file"
+    )]
+    AdminWithoutToken(SocketAddr),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
@@ -39,11 +47,36 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, Serve
         .map_err(|source| ServeError::Bind { what, addr, source })
 }
 
+const STORE_STARTUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs until SIGTERM or SIGINT, then drains.
 pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     let config = config::load(config_path)?;
+    let env_token = std::env::var("SWITCHYARD_ADMIN_TOKEN").ok();
+    let tokens = Arc::new(Tokens::load(
+        env_token.as_deref(),
+        config.admin_tokens_file.as_deref(),
+    )?);
+    if tokens.is_empty() && !config.admin_listen.ip().is_loopback() {
+        return Err(ServeError::AdminWithoutToken(config.admin_listen));
+    }
+    if tokens.is_empty() {
+        tracing::warn!("no admin token configured: every /v1 call will be refused with 401");
+    }
     let metrics = Arc::new(Metrics::new());
     let publisher = Arc::new(Publisher::new(&config, metrics.clone()));
+    let control = Arc::new(ControlPlane::new(publisher.clone(), config.clone()));
+    // Runtime state should be in force before the first request; a store that does not
+    // answer soon is left to the background sync, and the file's config serves meanwhile.
+    match tokio::time::timeout(STORE_STARTUP_WAIT, control.connect_store()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "state store unavailable at start; serving the file's config")
+        }
+        Err(_) => tracing::warn!(
+            "state store did not answer within {STORE_STARTUP_WAIT:?}; serving the file's config"
+        ),
+    }
     let readiness = Readiness::default();
 
     let proxy_listener = bind("proxy", config.listen).await?;
@@ -57,8 +90,14 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     let (stop_proxy, proxy_shutdown) = shutdown_pair();
     let (stop_rest, rest_shutdown) = shutdown_pair();
 
-    let reloader = ConfigReloader::new(config_path, publisher.clone(), config.clone())
-        .start(rest_shutdown.clone())?;
+    let reloader = ConfigReloader::new(
+        config_path,
+        publisher.clone(),
+        control.clone(),
+        config.clone(),
+    )
+    .start(rest_shutdown.clone())?;
+    let store_sync = tokio::spawn(control.clone().run_store_sync(rest_shutdown.clone()));
     let proxy = Arc::new(Proxy::new(
         publisher.handle(),
         &config.timeouts,
@@ -77,7 +116,7 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     ));
     let admin_task = tokio::spawn(admin::serve(
         admin_listener,
-        admin::router(metrics.clone(), readiness.clone()),
+        admin::router(metrics.clone(), readiness.clone(), control.clone(), tokens),
         rest_shutdown,
     ));
 
@@ -104,6 +143,7 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     stop_rest.trigger();
     let _ = admin_task.await;
     let _ = reloader.await;
+    let _ = store_sync.await;
     tracing::info!("switchyard stopped");
     Ok(())
 }

@@ -169,6 +169,10 @@ fn update_weight_gauges(
             .get_or_create(&RouteLabels {
                 route: route.name.clone(),
             })
-            .set(route.split.effective_weight(&next.flags).percent());
+            .set(if route.rolled_back {
+                0.0
+            } else {
+                route.split.effective_weight(&next.flags).percent()
+            });
     }
 }

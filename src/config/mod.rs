@@ -96,6 +96,8 @@ pub fn parse_with_env(
 pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// Resolved against the config file's directory.
+    pub admin_tokens_file: Option<PathBuf>,
     pub state_url: String,
     pub timeouts: Timeouts,
     pub limits: Limits,

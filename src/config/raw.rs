@@ -55,6 +55,9 @@ pub struct RawHttps {
 #[serde(deny_unknown_fields)]
 pub struct RawAdmin {
     pub listen: String,
+    /// YAML map of token name → `sha256:HEX` of the token.
+    #[serde(default)]
+    pub tokens_file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

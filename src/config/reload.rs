@@ -14,6 +14,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 
 use super::Config;
+use crate::control::plane::ControlPlane;
 use crate::lifecycle::Shutdown;
 use crate::snapshot::Publisher;
 use crate::telemetry::metrics::ReloadResult;
@@ -38,6 +39,7 @@ enum Cause {
 pub struct ConfigReloader {
     path: PathBuf,
     publisher: Arc<Publisher>,
+    control: Arc<ControlPlane>,
     current: Config,
     last_text: Option<String>,
 }
@@ -46,11 +48,17 @@ pub struct ConfigReloader {
 const SETTLE: Duration = Duration::from_millis(100);
 
 impl ConfigReloader {
-    pub fn new(path: &Path, publisher: Arc<Publisher>, current: Config) -> ConfigReloader {
+    pub fn new(
+        path: &Path,
+        publisher: Arc<Publisher>,
+        control: Arc<ControlPlane>,
+        current: Config,
+    ) -> ConfigReloader {
         ConfigReloader {
             path: path.to_path_buf(),
             last_text: std::fs::read_to_string(path).ok(),
             publisher,
+            control,
             current,
         }
     }
@@ -99,12 +107,12 @@ impl ConfigReloader {
                     tokio::time::sleep(SETTLE).await;
                     while changes.try_recv().is_ok() {}
                 }
-                self.reload(cause);
+                self.reload(cause).await;
             }
         }))
     }
 
-    fn reload(&mut self, cause: Cause) {
+    async fn reload(&mut self, cause: Cause) {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
             Err(e) => {
@@ -144,7 +152,8 @@ impl ConfigReloader {
                         );
                     }
                 }
-                let version = self.publisher.publish(&next);
+                // Through the control plane, so runtime overrides stay on top of the new file.
+                let version = self.control.set_config(next.clone()).await;
                 self.publisher.metrics().reload(ReloadResult::Success);
                 tracing::info!(
                     version,

@@ -201,6 +201,11 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         None => None,
     }
     .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9901)));
+    let admin_tokens_file = raw
+        .admin
+        .as_ref()
+        .and_then(|a| a.tokens_file.as_deref())
+        .map(|f| c.file.parent().unwrap_or(Path::new(".")).join(f));
     let state_url = match &raw.state {
         Some(s) => c.expand("state.url", &s.url),
         None => "sqlite://switchyard-state.db".to_string(),
@@ -339,6 +344,7 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
             target,
             split,
             sticky,
+            rolled_back: false,
         });
         policies.push(policy(c, &path, rr));
     }
@@ -357,6 +363,7 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     Config {
         listen,
         admin_listen,
+        admin_tokens_file,
         state_url,
         timeouts,
         limits,

@@ -1,5 +1,5 @@
-//! The admin listener: Prometheus metrics, liveness and readiness. These three need no
-//! token (contract §6); the authenticated `/v1` API is built on this router.
+//! The admin listener: Prometheus metrics, liveness and readiness, which need no token
+//! (contract §6), merged with the authenticated `/v1` API.
 
 use std::sync::Arc;
 
@@ -10,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
+use super::auth::Tokens;
+use super::plane::ControlPlane;
 use crate::lifecycle::{Readiness, Shutdown};
 use crate::telemetry::Metrics;
 
@@ -17,14 +19,25 @@ use crate::telemetry::Metrics;
 struct AdminState {
     metrics: Arc<Metrics>,
     readiness: Readiness,
+    control: Arc<ControlPlane>,
 }
 
-pub fn router(metrics: Arc<Metrics>, readiness: Readiness) -> Router {
+pub fn router(
+    metrics: Arc<Metrics>,
+    readiness: Readiness,
+    control: Arc<ControlPlane>,
+    tokens: Arc<Tokens>,
+) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state(AdminState { metrics, readiness })
+        .with_state(AdminState {
+            metrics,
+            readiness,
+            control: control.clone(),
+        })
+        .merge(super::api::router(control, tokens))
 }
 
 pub async fn serve(
@@ -56,18 +69,18 @@ async fn healthz() -> Response {
         .into_response()
 }
 
+/// A store outage does not make the proxy unready: it keeps routing on its last snapshot;
+/// the detail says so, and writes answer 503 meanwhile.
 async fn readyz(State(state): State<AdminState>) -> Response {
-    if state.readiness.is_ready() {
-        (
-            StatusCode::OK,
-            axum::Json(serde_json::json!({ "ready": true })),
-        )
-            .into_response()
+    let ready = state.readiness.is_ready();
+    let body = serde_json::json!({
+        "ready": ready,
+        "state_store": if state.control.store_ok() { "ok" } else { "unavailable" },
+    });
+    let status = if ready {
+        StatusCode::OK
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({ "ready": false })),
-        )
-            .into_response()
-    }
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
 }

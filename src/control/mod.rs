@@ -2,3 +2,8 @@
 //! rollout controller. It changes routing only through `snapshot::Publisher`.
 
 pub mod admin;
+pub mod api;
+pub mod auth;
+pub mod overrides;
+pub mod plane;
+pub mod store;

@@ -30,6 +30,14 @@ impl Decision {
             };
         };
         let route = snapshot.route(id);
+        if route.rolled_back {
+            return Decision {
+                route: Some(id.0 as usize),
+                backend: route.legacy,
+                side: Side::Legacy,
+                set_cookie: None,
+            };
+        }
         // A feature flag keeps its own users: its name and (when set) its key decide the
         // bucket, so one flag gives a user the same answer on every route that uses it.
         let (name, sticky): (&str, Option<&StickyKey>) = match &route.split {

@@ -99,6 +99,8 @@ pub struct Route {
     pub target: BackendId,
     pub split: Split,
     pub sticky: Option<StickyKey>,
+    /// Rollback overrides every split: all traffic goes to legacy.
+    pub rolled_back: bool,
 }
 
 /// Routes indexed for matching: exact-host routes outrank wildcard-host routes, which
@@ -217,6 +219,7 @@ mod tests {
                 weight: Weight::ZERO,
             },
             sticky: None,
+            rolled_back: false,
         }
     }
 

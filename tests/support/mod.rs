@@ -196,7 +196,7 @@ pub struct Switchyard {
 }
 
 /// A config file in a fresh temporary directory. `listen` and `admin` are added when the
-/// text has none, both on `127.0.0.1:0`.
+/// text has none, both on `127.0.0.1:0`, and a state store of its own (see `with_listeners`).
 pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("switchyard.yaml");
@@ -204,8 +204,23 @@ pub fn write_config(yaml: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, path)
 }
 
+/// The admin token every test proxy is started with.
+pub const TOKEN: &str = "test-token";
+
+/// Also gives the config its own SQLite state store unless it names one: the default path
+/// is relative to the working directory, which every test shares.
 pub fn with_listeners(yaml: &str) -> String {
     let mut text = String::new();
+    if !yaml.contains("state:") {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!("switchyard-tests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let db = dir.join(format!("state-{}.db", NEXT.fetch_add(1, Ordering::Relaxed)));
+        text.push_str(&format!(
+            "state: {{ url: \"sqlite://{}\" }}\n",
+            db.display()
+        ));
+    }
     if !yaml.contains("listen:") {
         text.push_str("listen: { http: \"127.0.0.1:0\" }\nadmin: { listen: \"127.0.0.1:0\" }\n");
     }
@@ -239,6 +254,7 @@ impl Switchyard {
             ])
             .arg(path)
             .args(extra_args)
+            .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -1,0 +1,329 @@
+//! The `/v1` admin API (contract §6): bearer auth, JSON bodies, ETags, and errors that are
+//! responses with a stable `{"error": {"code", "message"}}` body.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::auth::Tokens;
+use super::plane::{Change, ControlError, ControlPlane};
+use crate::dataplane::split::Side;
+
+const OPENAPI: &str = include_str!("openapi.json");
+
+#[derive(Clone)]
+struct ApiState {
+    control: Arc<ControlPlane>,
+    tokens: Arc<Tokens>,
+}
+
+/// The authenticated caller's token name, for the audit log.
+#[derive(Clone)]
+struct Actor(String);
+
+pub fn router(control: Arc<ControlPlane>, tokens: Arc<Tokens>) -> Router {
+    let state = ApiState { control, tokens };
+    Router::new()
+        .route("/v1/routes", get(list_routes))
+        .route("/v1/routes/{name}", get(get_route))
+        .route("/v1/routes/{name}/weight", put(set_weight))
+        .route("/v1/routes/{name}/switch", post(switch))
+        .route("/v1/routes/{name}/rollback", post(rollback))
+        .route("/v1/routes/{name}/reset", post(reset))
+        .route("/v1/flags", get(list_flags))
+        .route("/v1/flags/{name}", get(get_flag).put(set_flag))
+        .route("/v1/audit", get(audit))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/rollouts/{route}", get(not_configured))
+        .route("/v1/rollouts/{route}/{action}", post(not_configured))
+        .route("/v1/sync", get(not_configured))
+        .route("/v1/consistency", get(not_configured))
+        .fallback(no_such_endpoint)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .with_state(state)
+}
+
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+impl From<ControlError> for ApiError {
+    fn from(e: ControlError) -> ApiError {
+        let (status, code) = match &e {
+            // A change naming a route or flag that does not exist is an invalid request
+            // (422); reading one is 404 (see the GET handlers).
+            ControlError::UnknownRoute(_) | ControlError::UnknownFlag(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "unknown_name")
+            }
+            ControlError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
+            ControlError::Stale { .. } => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
+            ControlError::StoreUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "state_store_unavailable")
+            }
+            ControlError::Conflict => (StatusCode::CONFLICT, "conflict"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text())
+    }
+}
+
+async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let Some(name) = presented.and_then(|t| state.tokens.authenticate(t)) else {
+        let mut response = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer TOKEN` header is required",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    };
+    req.extensions_mut().insert(Actor(name.to_string()));
+    next.run(req).await
+}
+
+fn with_etag(view: Value) -> Response {
+    let etag = view["etag"]
+        .as_str()
+        .and_then(|e| HeaderValue::from_str(e).ok());
+    let mut response = axum::Json(view).into_response();
+    if let Some(etag) = etag {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+fn if_match(headers: &HeaderMap) -> Option<&str> {
+    headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok())
+}
+
+async fn list_routes(State(s): State<ApiState>) -> Response {
+    axum::Json(json!({ "routes": s.control.routes().await })).into_response()
+}
+
+async fn get_route(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.control.route(&name).await.map(with_etag).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("route `{name}` does not exist"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightBody {
+    weight: f64,
+}
+
+async fn set_weight(
+    State(s): State<ApiState>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<axum::Json<WeightBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(body) = body?;
+    let change = Change::SetWeight {
+        route: name,
+        percent: body.weight,
+    };
+    Ok(with_etag(
+        s.control.change(&actor, change, if_match(&headers)).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SwitchBody {
+    active: String,
+}
+
+async fn switch(
+    State(s): State<ApiState>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<axum::Json<SwitchBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(body) = body?;
+    let active = match body.active.as_str() {
+        "legacy" => Side::Legacy,
+        "target" => Side::Target,
+        other => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("`{other}` is not a side; use `legacy` or `target`"),
+            ));
+        }
+    };
+    let change = Change::Switch {
+        route: name,
+        active,
+    };
+    Ok(with_etag(
+        s.control.change(&actor, change, if_match(&headers)).await?,
+    ))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+async fn rollback(
+    State(s): State<ApiState>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    // The body is optional: `curl -X POST` with nothing is the common case in an incident.
+    let body: RollbackBody = if body.iter().all(u8::is_ascii_whitespace) {
+        RollbackBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))?
+    };
+    let change = Change::Rollback {
+        route: name,
+        reason: body.reason.unwrap_or_else(|| "manual".to_string()),
+    };
+    Ok(with_etag(
+        s.control.change(&actor, change, if_match(&headers)).await?,
+    ))
+}
+
+async fn reset(
+    State(s): State<ApiState>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let change = Change::Reset { route: name };
+    Ok(with_etag(
+        s.control.change(&actor, change, if_match(&headers)).await?,
+    ))
+}
+
+async fn list_flags(State(s): State<ApiState>) -> Response {
+    axum::Json(json!({ "flags": s.control.flags().await })).into_response()
+}
+
+async fn get_flag(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    s.control.flag(&name).await.map(with_etag).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("flag `{name}` does not exist"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlagBody {
+    percentage: f64,
+}
+
+async fn set_flag(
+    State(s): State<ApiState>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<axum::Json<FlagBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(body) = body?;
+    let change = Change::SetFlag {
+        flag: name,
+        percent: body.percentage,
+    };
+    Ok(with_etag(
+        s.control.change(&actor, change, if_match(&headers)).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+struct AuditQuery {
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+async fn audit(
+    State(s): State<ApiState>,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    let entries = s.control.audit(limit).await?;
+    Ok(axum::Json(json!({ "entries": entries })).into_response())
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+async fn not_configured() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_configured",
+        "rollouts, sync and consistency are not available in this version yet",
+    )
+}
+
+async fn no_such_endpoint() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "no such endpoint; see /v1/openapi.json",
+    )
+}

@@ -1,0 +1,570 @@
+//! `ControlPlane`: the one path by which routing changes. The file's config and the runtime
+//! overrides together are the desired state; every change (admin API, config reload, another
+//! replica's write) goes validate → write the store → publish the snapshot, in that order, and
+//! a change the store did not take is not published.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use super::overrides::{self, FlagOverride, Overrides, RollbackMark, RouteOverride};
+use super::store::{AuditEntry, Engine, StateStore, StateWrite, StoreError, now_rfc3339};
+use crate::config::Config;
+use crate::dataplane::route::Route;
+use crate::dataplane::split::{Flag, Side, Split, StickyKey, Weight};
+use crate::lifecycle::Shutdown;
+use crate::snapshot::Publisher;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("route `{0}` does not exist")]
+    UnknownRoute(String),
+    #[error("flag `{0}` does not exist")]
+    UnknownFlag(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the resource changed since you read it (ETag {current}); read it again and retry")]
+    Stale { current: String },
+    #[error("the state store is unavailable, nothing was changed: {0}")]
+    StoreUnavailable(String),
+    #[error("another replica changed the state at the same moment; retry")]
+    Conflict,
+}
+
+/// An operator's change, before it is checked.
+#[derive(Debug, Clone)]
+pub enum Change {
+    SetWeight { route: String, percent: f64 },
+    Switch { route: String, active: Side },
+    Rollback { route: String, reason: String },
+    Reset { route: String },
+    SetFlag { flag: String, percent: f64 },
+}
+
+impl Change {
+    fn action(&self) -> &'static str {
+        match self {
+            Change::SetWeight { .. } => "set_weight",
+            Change::Switch { .. } => "switch",
+            Change::Rollback { .. } => "rollback",
+            Change::Reset { .. } => "reset",
+            Change::SetFlag { .. } => "set_flag",
+        }
+    }
+
+    fn target(&self) -> &str {
+        match self {
+            Change::SetWeight { route, .. }
+            | Change::Switch { route, .. }
+            | Change::Rollback { route, .. }
+            | Change::Reset { route } => route,
+            Change::SetFlag { flag, .. } => flag,
+        }
+    }
+}
+
+struct Desired {
+    config: Config,
+    overrides: Overrides,
+}
+
+pub struct ControlPlane {
+    publisher: Arc<Publisher>,
+    desired: Mutex<Desired>,
+    /// `None` until the store has been reached once.
+    store: Mutex<Option<StateStore>>,
+    store_url: String,
+    store_ok: AtomicBool,
+}
+
+impl ControlPlane {
+    pub fn new(publisher: Arc<Publisher>, config: Config) -> ControlPlane {
+        ControlPlane {
+            publisher,
+            store_url: config.state_url.clone(),
+            desired: Mutex::new(Desired {
+                config,
+                overrides: Overrides::default(),
+            }),
+            store: Mutex::new(None),
+            store_ok: AtomicBool::new(false),
+        }
+    }
+
+    pub fn store_ok(&self) -> bool {
+        self.store_ok.load(Ordering::Relaxed)
+    }
+
+    /// Connects to the store and applies its overrides. On failure the file's config keeps
+    /// serving and `run_store_sync` keeps trying.
+    pub async fn connect_store(&self) -> Result<(), StoreError> {
+        let store = StateStore::connect(&self.store_url).await?;
+        let overrides = store.load().await?;
+        *self.store.lock().await = Some(store);
+        self.store_ok.store(true, Ordering::Relaxed);
+        self.adopt(overrides).await;
+        Ok(())
+    }
+
+    /// A new file config (reload): published with the overrides still on top.
+    pub async fn set_config(&self, config: Config) -> u64 {
+        let mut desired = self.desired.lock().await;
+        desired.config = config;
+        self.publish(&desired)
+    }
+
+    fn publish(&self, desired: &Desired) -> u64 {
+        let effective = overrides::apply(&desired.config, &desired.overrides);
+        self.publisher.publish(&effective)
+    }
+
+    /// Overrides read from the store (at start, or another replica's change).
+    async fn adopt(&self, overrides: Overrides) {
+        let mut desired = self.desired.lock().await;
+        if desired.overrides != overrides {
+            desired.overrides = overrides;
+            let version = self.publish(&desired);
+            tracing::info!(version, "runtime state from the store applied");
+        }
+    }
+
+    async fn current_store(&self) -> Option<StateStore> {
+        self.store.lock().await.clone()
+    }
+
+    /// Keeps this replica in step with the store: reconnects with backoff while it is down,
+    /// then follows changes (Postgres NOTIFY, and a 1 s poll of the version row, which also
+    /// serves SQLite and covers a lost notification).
+    pub async fn run_store_sync(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut backoff = Duration::from_millis(250);
+        let mut last_version = None;
+        let mut listener: Option<sqlx::postgres::PgListener> = None;
+        loop {
+            if self.current_store().await.is_none() {
+                match self.connect_store().await {
+                    Ok(()) => backoff = Duration::from_millis(250),
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "state store unavailable; routing continues on the last config");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown.wait() => return,
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
+            }
+            let Some(store) = self.current_store().await else {
+                continue;
+            };
+            if listener.is_none() && store.engine() == Engine::Postgres {
+                listener = listen(store.url()).await;
+            }
+            match store.version().await {
+                Ok(version) => {
+                    if !self.store_ok.swap(true, Ordering::Relaxed) {
+                        tracing::info!("state store reachable again");
+                    }
+                    if last_version != Some(version) {
+                        match store.load().await {
+                            Ok(overrides) => {
+                                self.adopt(overrides).await;
+                                last_version = Some(version);
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot read runtime state"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    if self.store_ok.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "state store unreachable; routing continues on the last snapshot");
+                    }
+                    listener = None;
+                }
+            }
+            let poll = tokio::time::sleep(Duration::from_secs(1));
+            tokio::select! {
+                _ = poll => {}
+                notified = wait_notify(&mut listener) => {
+                    if !notified {
+                        listener = None;
+                    }
+                }
+                _ = shutdown.wait() => return,
+            }
+        }
+    }
+
+    /// Validates, writes store and audit in one transaction, then publishes.
+    pub async fn change(
+        &self,
+        actor: &str,
+        change: Change,
+        if_match: Option<&str>,
+    ) -> Result<Value, ControlError> {
+        let store = self
+            .current_store()
+            .await
+            .filter(|_| self.store_ok())
+            .ok_or_else(|| ControlError::StoreUnavailable(super::store::redact(&self.store_url)))?;
+        let mut desired = self.desired.lock().await;
+        let before = match self.view_of(&desired, &change) {
+            Ok(view) => view,
+            Err(e) => {
+                refuse(&store, actor, &change, None, &e).await;
+                return Err(e);
+            }
+        };
+        let etag = before["etag"].as_str().unwrap_or_default().to_string();
+        if let Some(want) = if_match
+            && want.trim() != "*"
+            && want.trim() != etag
+        {
+            return Err(ControlError::Stale { current: etag });
+        }
+        let planned = plan(&desired, &change, actor);
+        let (write, overrides) = match planned {
+            Ok(ok) => ok,
+            Err(e) => {
+                refuse(&store, actor, &change, Some(strip_etag(&before)), &e).await;
+                return Err(e);
+            }
+        };
+        let next = Desired {
+            config: desired.config.clone(),
+            overrides,
+        };
+        let after = self.view_of(&next, &change)?;
+        let entry = audit_entry(
+            actor,
+            &change,
+            Some(strip_etag(&before)),
+            Some(strip_etag(&after)),
+            "applied",
+            None,
+        );
+        store.commit(&write, &entry).await.map_err(|e| match e {
+            StoreError::Unavailable { source, .. } if is_unique_violation(&source) => {
+                ControlError::Conflict
+            }
+            other => {
+                self.store_ok.store(false, Ordering::Relaxed);
+                ControlError::StoreUnavailable(other.to_string())
+            }
+        })?;
+        *desired = next;
+        let version = self.publish(&desired);
+        tracing::info!(
+            version,
+            actor,
+            action = change.action(),
+            name = change.target(),
+            "change applied"
+        );
+        Ok(after)
+    }
+
+    fn view_of(&self, desired: &Desired, change: &Change) -> Result<Value, ControlError> {
+        match change {
+            Change::SetFlag { flag, .. } => {
+                flag_view(desired, flag).ok_or_else(|| ControlError::UnknownFlag(flag.clone()))
+            }
+            _ => {
+                let name = change.target();
+                route_view(desired, name)
+                    .ok_or_else(|| ControlError::UnknownRoute(name.to_string()))
+            }
+        }
+    }
+
+    pub async fn routes(&self) -> Vec<Value> {
+        let desired = self.desired.lock().await;
+        desired
+            .config
+            .routes
+            .iter()
+            .filter_map(|r| route_view(&desired, &r.name))
+            .collect()
+    }
+
+    pub async fn route(&self, name: &str) -> Option<Value> {
+        route_view(&*self.desired.lock().await, name)
+    }
+
+    pub async fn flags(&self) -> Vec<Value> {
+        let desired = self.desired.lock().await;
+        desired
+            .config
+            .flags
+            .iter()
+            .filter_map(|f| flag_view(&desired, &f.name))
+            .collect()
+    }
+
+    pub async fn flag(&self, name: &str) -> Option<Value> {
+        flag_view(&*self.desired.lock().await, name)
+    }
+
+    pub async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, ControlError> {
+        let store = self
+            .current_store()
+            .await
+            .ok_or_else(|| ControlError::StoreUnavailable(super::store::redact(&self.store_url)))?;
+        store
+            .audit(limit)
+            .await
+            .map_err(|e| ControlError::StoreUnavailable(e.to_string()))
+    }
+}
+
+async fn listen(url: &str) -> Option<sqlx::postgres::PgListener> {
+    let mut listener = sqlx::postgres::PgListener::connect(url)
+        .await
+        .map_err(|e| tracing::warn!(error = %e, "cannot LISTEN for state changes; polling only"))
+        .ok()?;
+    listener.listen(super::store::NOTIFY_CHANNEL).await.ok()?;
+    Some(listener)
+}
+
+/// True when a notification arrived; false when the listener broke. Pends forever without
+/// a listener, leaving the poll to wake the loop.
+async fn wait_notify(listener: &mut Option<sqlx::postgres::PgListener>) -> bool {
+    match listener {
+        Some(l) => l.recv().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// A refusal leaves no trace but its audit record.
+async fn refuse(
+    store: &StateStore,
+    actor: &str,
+    change: &Change,
+    before: Option<Value>,
+    error: &ControlError,
+) {
+    let refusal = audit_entry(
+        actor,
+        change,
+        before,
+        None,
+        "refused",
+        Some(error.to_string()),
+    );
+    if let Err(e) = store.commit(&StateWrite::Nothing, &refusal).await {
+        tracing::warn!(error = %e, "could not record a refused change in the audit log");
+    }
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.kind() == sqlx::error::ErrorKind::UniqueViolation)
+}
+
+fn audit_entry(
+    actor: &str,
+    change: &Change,
+    before: Option<Value>,
+    after: Option<Value>,
+    outcome: &str,
+    detail: Option<String>,
+) -> AuditEntry {
+    AuditEntry {
+        id: 0,
+        at: now_rfc3339(),
+        actor: actor.to_string(),
+        action: change.action().to_string(),
+        target: change.target().to_string(),
+        before,
+        after,
+        outcome: outcome.to_string(),
+        detail,
+    }
+}
+
+fn strip_etag(view: &Value) -> Value {
+    let mut v = view.clone();
+    if let Some(map) = v.as_object_mut() {
+        map.remove("etag");
+    }
+    v
+}
+
+/// The store write and the overrides a change leads to, or why it is refused.
+fn plan(
+    desired: &Desired,
+    change: &Change,
+    actor: &str,
+) -> Result<(StateWrite, Overrides), ControlError> {
+    let mut overrides = desired.overrides.clone();
+    let write = match change {
+        Change::SetWeight { route, percent } => {
+            let r = find_route(desired, route)?;
+            if !matches!(r.split, Split::Percentage { .. } | Split::Canary { .. }) {
+                return Err(ControlError::Invalid(format!(
+                    "route `{route}` has a {} split; a weight applies to percentage and canary splits",
+                    r.split.kind()
+                )));
+            }
+            let weight =
+                Weight::from_percent(*percent).map_err(|e| ControlError::Invalid(e.to_string()))?;
+            let o = overrides.routes.entry(route.clone()).or_default();
+            o.weight = Some(weight);
+            // Setting a weight is the operator saying how the route should run again.
+            o.rollback = None;
+            StateWrite::Route {
+                name: route.clone(),
+                value: o.clone(),
+            }
+        }
+        Change::Switch { route, active } => {
+            let r = find_route(desired, route)?;
+            if !matches!(r.split, Split::BlueGreen { .. }) {
+                return Err(ControlError::Invalid(format!(
+                    "route `{route}` has a {} split; only blue_green routes switch",
+                    r.split.kind()
+                )));
+            }
+            let o = overrides.routes.entry(route.clone()).or_default();
+            o.active = Some(*active);
+            o.rollback = None;
+            StateWrite::Route {
+                name: route.clone(),
+                value: o.clone(),
+            }
+        }
+        Change::Rollback { route, reason } => {
+            find_route(desired, route)?;
+            let o = overrides.routes.entry(route.clone()).or_default();
+            o.rollback = Some(RollbackMark {
+                at: now_rfc3339(),
+                by: actor.to_string(),
+                reason: reason.clone(),
+            });
+            StateWrite::Route {
+                name: route.clone(),
+                value: o.clone(),
+            }
+        }
+        Change::Reset { route } => {
+            find_route(desired, route)?;
+            overrides.routes.remove(route);
+            StateWrite::Route {
+                name: route.clone(),
+                value: RouteOverride::default(),
+            }
+        }
+        Change::SetFlag { flag, percent } => {
+            if !desired.config.flags.iter().any(|f| &f.name == flag) {
+                return Err(ControlError::UnknownFlag(flag.clone()));
+            }
+            let weight =
+                Weight::from_percent(*percent).map_err(|e| ControlError::Invalid(e.to_string()))?;
+            let o = overrides.flags.entry(flag.clone()).or_default();
+            o.percentage = Some(weight);
+            StateWrite::Flag {
+                name: flag.clone(),
+                value: FlagOverride {
+                    percentage: Some(weight),
+                },
+            }
+        }
+    };
+    Ok((write, overrides))
+}
+
+fn find_route<'a>(desired: &'a Desired, name: &str) -> Result<&'a Route, ControlError> {
+    desired
+        .config
+        .routes
+        .iter()
+        .find(|r| &*r.name == name)
+        .ok_or_else(|| ControlError::UnknownRoute(name.to_string()))
+}
+
+fn sticky_text(key: Option<&StickyKey>) -> Value {
+    match key {
+        None => Value::Null,
+        Some(StickyKey::Cookie(n)) => json!(format!("cookie:{n}")),
+        Some(StickyKey::Header(n)) => json!(format!("header:{n}")),
+        Some(StickyKey::ClientIp) => json!("client_ip"),
+        Some(StickyKey::Generated { cookie }) => json!(format!("generated ({cookie})")),
+    }
+}
+
+fn layered<T: serde::Serialize + Clone>(file: T, runtime: Option<T>) -> Value {
+    let source = if runtime.is_some() { "runtime" } else { "file" };
+    let in_force = runtime.clone().unwrap_or_else(|| file.clone());
+    json!({ "in_force": in_force, "file": file, "runtime": runtime, "source": source })
+}
+
+/// An ETag over the view's content: it changes exactly when what a client read changes.
+fn with_etag(mut view: Value) -> Value {
+    let tag = format!(
+        "\"{:016x}\"",
+        xxhash_rust::xxh3::xxh3_64(view.to_string().as_bytes())
+    );
+    view["etag"] = json!(tag);
+    view
+}
+
+fn route_view(desired: &Desired, name: &str) -> Option<Value> {
+    let route = desired.config.routes.iter().find(|r| &*r.name == name)?;
+    let o = desired.overrides.routes.get(name);
+    let backend = |id: crate::dataplane::route::BackendId| {
+        desired.config.backends[id.0 as usize].name.clone()
+    };
+    let (weight, active, flag) = match &route.split {
+        Split::Percentage { weight } | Split::Canary { weight, .. } => (
+            layered(
+                weight.percent(),
+                o.and_then(|o| o.weight).map(Weight::percent),
+            ),
+            Value::Null,
+            Value::Null,
+        ),
+        Split::BlueGreen { active, .. } => (
+            Value::Null,
+            layered(active.as_str(), o.and_then(|o| o.active).map(Side::as_str)),
+            Value::Null,
+        ),
+        Split::FeatureFlag { flag } => (
+            Value::Null,
+            Value::Null,
+            json!(
+                desired
+                    .config
+                    .flags
+                    .get(flag.0 as usize)
+                    .map(|f: &Flag| f.name.clone())
+            ),
+        ),
+    };
+    let rollback = o.and_then(|o| o.rollback.as_ref());
+    Some(with_etag(json!({
+        "name": name,
+        "legacy": backend(route.legacy),
+        "target": backend(route.target),
+        "split": route.split.kind(),
+        "weight": weight,
+        "active": active,
+        "flag": flag,
+        "state": if rollback.is_some() { "rolled_back" } else { "active" },
+        "rollback": rollback,
+        "sticky": sticky_text(route.sticky.as_ref()),
+    })))
+}
+
+fn flag_view(desired: &Desired, name: &str) -> Option<Value> {
+    let flag = desired.config.flags.iter().find(|f| f.name == name)?;
+    let runtime = desired.overrides.flags.get(name).and_then(|o| o.percentage);
+    Some(with_etag(json!({
+        "name": name,
+        "percentage": layered(flag.weight.percent(), runtime.map(Weight::percent)),
+        "rules": flag.rules.len(),
+        "sticky": sticky_text(flag.sticky.as_ref()),
+    })))
+}

@@ -1,0 +1,1068 @@
+//! `switchyard ctl`: a small client for the admin API (v1) — list and inspect routes and flags,
+//! move weights, switch blue/green sides, roll back, reset, and read the audit log.
+//!
+//! Every command is one HTTP call. `execute` returns what would be printed so tests can check
+//! output without capturing stdout; `run` prints it and turns errors into exit code 1.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+
+/// An operator waiting on a hung admin listener is worse off than one told it timed out.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(clap::Args, Debug)]
+pub struct CtlArgs {
+    /// Admin API base URL
+    #[arg(
+        long,
+        env = "SWITCHYARD_ADMIN_URL",
+        default_value = "http://127.0.0.1:9901"
+    )]
+    pub admin: String,
+    /// Bearer token (default: $SWITCHYARD_ADMIN_TOKEN)
+    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Output format: tables for people, the API's JSON for scripts.
+    #[arg(long, value_enum, default_value = "table")]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SideArg {
+    Legacy,
+    Target,
+}
+
+impl SideArg {
+    fn as_str(self) -> &'static str {
+        match self {
+            SideArg::Legacy => "legacy",
+            SideArg::Target => "target",
+        }
+    }
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CtlCommand {
+    /// List routes with the weight or side in force (`*`: runtime override).
+    Routes,
+    /// Show one route: file, runtime and in-force values, rollback state and ETag.
+    Route { name: String },
+    /// Set the target weight (0..100) of a percentage or canary route; clears a rollback.
+    Weight {
+        name: String,
+        percent: f64,
+        /// Refuse (412) unless the route still has this ETag.
+        #[arg(long)]
+        if_match: Option<String>,
+    },
+    /// Switch a blue/green route to one side.
+    Switch {
+        name: String,
+        side: SideArg,
+        /// Refuse (412) unless the route still has this ETag.
+        #[arg(long)]
+        if_match: Option<String>,
+    },
+    /// Send all of a route's traffic to legacy until a weight is set or the route is reset.
+    Rollback {
+        name: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Drop every runtime override of a route, back to the config file's values.
+    Reset { name: String },
+    /// List feature flags.
+    Flags,
+    /// Show a flag, or set its percentage with --percentage.
+    Flag {
+        name: String,
+        /// New rollout percentage (0..100); absent: show the flag.
+        #[arg(long)]
+        percentage: Option<f64>,
+    },
+    /// Show the newest audit entries.
+    Audit {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("admin URL `{url}` is not usable: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("admin URL `{0}` uses https; TLS to the admin API is not supported yet, use http://")]
+    TlsUnsupported(String),
+    #[error("`{0}` is not a valid name: use letters, digits, `-`, `_` and `.`")]
+    BadName(String),
+    #[error("{0}")]
+    BadArgument(String),
+    #[error("cannot reach {url}: {reason}")]
+    Network { url: String, reason: String },
+    #[error("no answer from {url} within {}s", CALL_TIMEOUT.as_secs())]
+    Timeout { url: String },
+    /// An error the API reported; `code` and `message` come from its JSON error body.
+    #[error("{message} (HTTP {status})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+    },
+    #[error("response from {url} is not the expected JSON: {reason}")]
+    BadJson { url: String, reason: String },
+}
+
+impl CtlError {
+    /// The `<code>` of `switchyard ctl: <code>: <message>`: the API's own code when it sent
+    /// one, so scripts can match on the same words the API documents.
+    pub fn code(&self) -> &str {
+        match self {
+            CtlError::BadUrl { .. } => "bad_url",
+            CtlError::TlsUnsupported(_) => "tls_unsupported",
+            CtlError::BadName(_) => "bad_name",
+            CtlError::BadArgument(_) => "bad_argument",
+            CtlError::Network { .. } => "unreachable",
+            CtlError::Timeout { .. } => "timeout",
+            CtlError::Api { code, .. } => code,
+            CtlError::BadJson { .. } => "bad_response",
+        }
+    }
+
+    /// What follows the code on stderr: for API errors the API's `message` alone.
+    pub fn message(&self) -> String {
+        match self {
+            CtlError::Api { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+}
+
+/// Runs one command, printing to stdout. Returns the process exit code: 0 success, 1 any error
+/// (the error message — the API's `message` when there is one — printed to stderr as
+/// `switchyard ctl: <code>: <message>`).
+pub async fn run(args: CtlArgs) -> i32 {
+    match execute(&args).await {
+        Ok(out) => {
+            print!("{out}");
+            0
+        }
+        Err(e) => {
+            eprintln!("switchyard ctl: {}: {}", e.code(), e.message());
+            1
+        }
+    }
+}
+
+/// Runs one command and returns its stdout text (ending in a newline).
+pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
+    let api = AdminClient::new(&args.admin, args.token.as_deref())?;
+    let reply = match &args.command {
+        CtlCommand::Routes => api.call(Method::GET, "/v1/routes", None, None).await?,
+        CtlCommand::Route { name } => {
+            let path = format!("/v1/routes/{}", segment(name)?);
+            api.call(Method::GET, &path, None, None).await?
+        }
+        CtlCommand::Weight {
+            name,
+            percent,
+            if_match,
+        } => {
+            let path = format!("/v1/routes/{}/weight", segment(name)?);
+            let body = json!({ "weight": finite("weight", *percent)? });
+            api.call(Method::PUT, &path, Some(body), if_match.as_deref())
+                .await?
+        }
+        CtlCommand::Switch {
+            name,
+            side,
+            if_match,
+        } => {
+            let path = format!("/v1/routes/{}/switch", segment(name)?);
+            let body = json!({ "active": side.as_str() });
+            api.call(Method::POST, &path, Some(body), if_match.as_deref())
+                .await?
+        }
+        CtlCommand::Rollback { name, reason } => {
+            let path = format!("/v1/routes/{}/rollback", segment(name)?);
+            // `{}` rather than no body: a JSON extractor on the server accepts it either way.
+            let body = match reason {
+                Some(r) => json!({ "reason": r }),
+                None => json!({}),
+            };
+            api.call(Method::POST, &path, Some(body), None).await?
+        }
+        CtlCommand::Reset { name } => {
+            let path = format!("/v1/routes/{}/reset", segment(name)?);
+            api.call(Method::POST, &path, None, None).await?
+        }
+        CtlCommand::Flags => api.call(Method::GET, "/v1/flags", None, None).await?,
+        CtlCommand::Flag { name, percentage } => {
+            let path = format!("/v1/flags/{}", segment(name)?);
+            match percentage {
+                None => api.call(Method::GET, &path, None, None).await?,
+                Some(p) => {
+                    let body = json!({ "percentage": finite("percentage", *p)? });
+                    api.call(Method::PUT, &path, Some(body), None).await?
+                }
+            }
+        }
+        CtlCommand::Audit { limit } => {
+            let path = format!("/v1/audit?limit={limit}");
+            api.call(Method::GET, &path, None, None).await?
+        }
+    };
+
+    if args.output == Output::Json {
+        // `to_string_pretty` cannot fail on a `Value`, but an error here is still not a panic.
+        let text = serde_json::to_string_pretty(&reply.body).map_err(|e| CtlError::BadJson {
+            url: reply.url.clone(),
+            reason: e.to_string(),
+        })?;
+        return Ok(text + "\n");
+    }
+    let etag = reply.etag.as_deref();
+    Ok(match &args.command {
+        CtlCommand::Routes => render_routes(&reply.body),
+        CtlCommand::Route { .. }
+        | CtlCommand::Weight { .. }
+        | CtlCommand::Switch { .. }
+        | CtlCommand::Rollback { .. }
+        | CtlCommand::Reset { .. } => render_route(&reply.body, etag),
+        CtlCommand::Flags => render_flags(&reply.body),
+        CtlCommand::Flag { .. } => render_flag(&reply.body, etag),
+        CtlCommand::Audit { .. } => render_audit(&reply.body),
+    })
+}
+
+/// Route and flag names are `[A-Za-z0-9._-]`, so checking the name is all the percent-encoding
+/// needed — except `.` and `..`, which URL normalisation anywhere on the way would eat.
+fn segment(name: &str) -> Result<Cow<'_, str>, CtlError> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if !ok {
+        return Err(CtlError::BadName(name.to_owned()));
+    }
+    Ok(match name {
+        "." => Cow::Borrowed("%2E"),
+        ".." => Cow::Borrowed("%2E%2E"),
+        other => Cow::Borrowed(other),
+    })
+}
+
+/// serde_json writes NaN and infinities as `null`, which the server would report as a
+/// confusing type error; say what is wrong here instead.
+fn finite(what: &str, v: f64) -> Result<f64, CtlError> {
+    if v.is_finite() {
+        Ok(v)
+    } else {
+        Err(CtlError::BadArgument(format!(
+            "{what} must be a number between 0 and 100, not `{v}`"
+        )))
+    }
+}
+
+struct AdminClient {
+    /// `host:port` plus any path prefix the admin API is mounted under, without trailing `/`.
+    base: String,
+    auth: Option<String>,
+    http: Client<HttpConnector, Full<Bytes>>,
+}
+
+struct Reply {
+    url: String,
+    etag: Option<String>,
+    body: Value,
+}
+
+impl AdminClient {
+    fn new(admin: &str, token: Option<&str>) -> Result<Self, CtlError> {
+        let bad = |reason: &str| CtlError::BadUrl {
+            url: admin.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let uri: Uri = admin
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| CtlError::BadUrl {
+                url: admin.to_owned(),
+                reason: e.to_string(),
+            })?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => return Err(CtlError::TlsUnsupported(admin.to_owned())),
+            Some(_) => return Err(bad("only http:// is supported")),
+            None => return Err(bad("write it as http://HOST:PORT")),
+        }
+        let authority = uri.authority().ok_or_else(|| bad("no host"))?;
+        if uri.query().is_some() {
+            return Err(bad("a query string has no place in the base URL"));
+        }
+        let prefix = uri.path().trim_end_matches('/');
+        Ok(AdminClient {
+            base: format!("http://{authority}{prefix}"),
+            auth: token.map(|t| format!("Bearer {t}")),
+            http: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        if_match: Option<&str>,
+    ) -> Result<Reply, CtlError> {
+        let url = format!("{}{path}", self.base);
+        match tokio::time::timeout(CALL_TIMEOUT, self.call_inner(&url, method, body, if_match))
+            .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(CtlError::Timeout { url }),
+        }
+    }
+
+    async fn call_inner(
+        &self,
+        url: &str,
+        method: Method,
+        body: Option<Value>,
+        if_match: Option<&str>,
+    ) -> Result<Reply, CtlError> {
+        let network = |reason: String| CtlError::Network {
+            url: url.to_owned(),
+            reason,
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(url)
+            .header(header::ACCEPT, "application/json")
+            .header(
+                header::USER_AGENT,
+                concat!("switchyard-ctl/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(auth) = &self.auth {
+            req = req.header(header::AUTHORIZATION, auth);
+        }
+        if let Some(tag) = if_match {
+            req = req.header(header::IF_MATCH, quote_etag(tag));
+        }
+        let payload = match &body {
+            Some(v) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Bytes::from(v.to_string())
+            }
+            None => Bytes::new(),
+        };
+        // Fails only on a header value the user typed (token, If-Match) that HTTP cannot carry.
+        let req = req.body(Full::new(payload)).map_err(|e| {
+            CtlError::BadArgument(format!("cannot build the request: {}", error_chain(&e)))
+        })?;
+
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| network(error_chain(&e)))?;
+        let status = resp.status();
+        let etag = resp
+            .headers()
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| network(error_chain(&e)))?
+            .to_bytes();
+
+        if !status.is_success() {
+            return Err(api_error(status, &bytes, self.auth.is_none()));
+        }
+        let body = serde_json::from_slice(&bytes).map_err(|e| CtlError::BadJson {
+            url: url.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Reply {
+            url: url.to_owned(),
+            etag,
+            body,
+        })
+    }
+}
+
+/// ETags are quoted on the wire; people copy them with or without the quotes.
+fn quote_etag(tag: &str) -> String {
+    let tag = tag.trim();
+    if tag.starts_with('"') || tag.starts_with("W/\"") || tag == "*" {
+        tag.to_owned()
+    } else {
+        format!("\"{tag}\"")
+    }
+}
+
+/// Reads `{"error": {"code", "message"}}`; anything else (a proxy's HTML page, say) still
+/// becomes a readable error rather than a JSON parse failure.
+fn api_error(status: StatusCode, body: &[u8], no_token: bool) -> CtlError {
+    let parsed: Option<(String, String)> =
+        serde_json::from_slice::<Value>(body).ok().and_then(|v| {
+            let err = v.get("error")?;
+            let code = err.get("code")?.as_str()?.to_owned();
+            let message = err
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            Some((code, message))
+        });
+    let (code, mut message) = parsed.unwrap_or_else(|| {
+        let text = String::from_utf8_lossy(body);
+        let text: String = text.trim().chars().take(200).collect();
+        let reason = status.canonical_reason().unwrap_or("unexpected status");
+        let message = if text.is_empty() {
+            reason.to_owned()
+        } else {
+            format!("{reason}: {text}")
+        };
+        (format!("http_{}", status.as_u16()), message)
+    });
+    if message.is_empty() {
+        message = status
+            .canonical_reason()
+            .unwrap_or("unexpected status")
+            .to_owned();
+    }
+    if status == StatusCode::UNAUTHORIZED && no_token {
+        message.push_str(" (no token given: use --token or SWITCHYARD_ADMIN_TOKEN)");
+    }
+    CtlError::Api {
+        status: status.as_u16(),
+        code,
+        message,
+    }
+}
+
+/// Walks `source()` because hyper's top-level errors ("client error (Connect)") hide the
+/// useful part ("Connection refused").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let s = inner.to_string();
+        if !out.contains(&s) {
+            let _ = write!(out, ": {s}");
+        }
+        cur = inner.source();
+    }
+    out
+}
+
+// ---- rendering: all of it returns Strings so tests can check it without stdout ----
+
+/// `routes`: NAME SPLIT WEIGHT ACTIVE STATE.
+pub fn render_routes(body: &Value) -> String {
+    let mut rows = vec![row(&["NAME", "SPLIT", "WEIGHT", "ACTIVE", "STATE"])];
+    let mut overridden = false;
+    for r in items(body, "routes") {
+        let (weight, w_over) = in_force(r.get("weight"), percent);
+        let (active, a_over) = in_force(r.get("active"), text);
+        overridden |= w_over || a_over;
+        rows.push(vec![
+            text(r.get("name")),
+            text(r.get("split")),
+            weight,
+            active,
+            text(r.get("state")),
+        ]);
+    }
+    let mut out = table(&rows);
+    if overridden {
+        out.push_str("* runtime override in force\n");
+    }
+    out
+}
+
+/// `route NAME` and every route-changing command: one `key: value` line per fact.
+pub fn render_route(route: &Value, etag: Option<&str>) -> String {
+    let mut kv: Vec<(String, String)> = vec![
+        ("name".into(), text(route.get("name"))),
+        ("split".into(), text(route.get("split"))),
+        ("legacy".into(), text(route.get("legacy"))),
+        ("target".into(), text(route.get("target"))),
+    ];
+    layered(&mut kv, "weight", route.get("weight"), percent);
+    layered(&mut kv, "active", route.get("active"), text);
+    if let Some(flag) = route.get("flag").filter(|v| !v.is_null()) {
+        kv.push(("flag".into(), text(Some(flag))));
+    }
+    kv.push(("state".into(), text(route.get("state"))));
+    if let Some(rb) = route.get("rollback").filter(|v| !v.is_null()) {
+        kv.push(("rollback.at".into(), text(rb.get("at"))));
+        kv.push(("rollback.by".into(), text(rb.get("by"))));
+        kv.push(("rollback.reason".into(), text(rb.get("reason"))));
+    }
+    kv.push(("sticky".into(), text(route.get("sticky"))));
+    kv.push(("etag".into(), etag_of(route, etag)));
+    key_values(&kv)
+}
+
+/// `flags`: NAME PERCENTAGE RULES STICKY.
+pub fn render_flags(body: &Value) -> String {
+    let mut rows = vec![row(&["NAME", "PERCENTAGE", "RULES", "STICKY"])];
+    let mut overridden = false;
+    for f in items(body, "flags") {
+        let (pct, over) = in_force(f.get("percentage"), percent);
+        overridden |= over;
+        rows.push(vec![
+            text(f.get("name")),
+            pct,
+            text(f.get("rules")),
+            text(f.get("sticky")),
+        ]);
+    }
+    let mut out = table(&rows);
+    if overridden {
+        out.push_str("* runtime override in force\n");
+    }
+    out
+}
+
+/// `flag NAME` with or without `--percentage`.
+pub fn render_flag(flag: &Value, etag: Option<&str>) -> String {
+    let mut kv: Vec<(String, String)> = vec![("name".into(), text(flag.get("name")))];
+    layered(&mut kv, "percentage", flag.get("percentage"), percent);
+    kv.push(("rules".into(), text(flag.get("rules"))));
+    kv.push(("sticky".into(), text(flag.get("sticky"))));
+    kv.push(("etag".into(), etag_of(flag, etag)));
+    key_values(&kv)
+}
+
+/// `audit`: AT ACTOR ACTION TARGET OUTCOME BEFORE→AFTER, newest first as the API sends them.
+pub fn render_audit(body: &Value) -> String {
+    let mut rows = vec![row(&[
+        "AT",
+        "ACTOR",
+        "ACTION",
+        "TARGET",
+        "OUTCOME",
+        "BEFORE→AFTER",
+    ])];
+    for e in items(body, "entries") {
+        rows.push(vec![
+            text(e.get("at")),
+            text(e.get("actor")),
+            text(e.get("action")),
+            text(e.get("target")),
+            text(e.get("outcome")),
+            format!("{}→{}", compact(e.get("before")), compact(e.get("after"))),
+        ]);
+    }
+    table(&rows)
+}
+
+fn row(cells: &[&str]) -> Vec<String> {
+    cells.iter().map(|c| (*c).to_owned()).collect()
+}
+
+/// The array under `key`; a body that lacks it renders as an empty table rather than failing,
+/// since `--output json` is there for anyone who needs the raw answer.
+fn items<'a>(body: &'a Value, key: &str) -> &'a [Value] {
+    body.get(key)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+}
+
+/// A scalar for a table cell: strings unquoted, absent or null as `-`.
+fn text(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "-".to_owned(),
+        Some(Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn compact(v: Option<&Value>) -> String {
+    match v {
+        None | Some(Value::Null) => "-".to_owned(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Percentages have two decimals at most; `25` reads better than `25.00`.
+fn percent(v: Option<&Value>) -> String {
+    match v.and_then(Value::as_f64) {
+        Some(f) => {
+            let s = format!("{f:.2}");
+            let s = s.trim_end_matches('0').trim_end_matches('.');
+            format!("{s}%")
+        }
+        None => text(v),
+    }
+}
+
+/// The in-force value of a `{in_force, file, runtime, source}` object, and whether a runtime
+/// override is what put it there (shown as a trailing `*`).
+fn in_force(layers: Option<&Value>, fmt: fn(Option<&Value>) -> String) -> (String, bool) {
+    match layers.filter(|v| !v.is_null()) {
+        None => ("-".to_owned(), false),
+        Some(l) => {
+            let over = l.get("source").and_then(Value::as_str) == Some("runtime");
+            let mut s = fmt(l.get("in_force"));
+            if over {
+                s.push('*');
+            }
+            (s, over)
+        }
+    }
+}
+
+/// `key.in_force`, `key.source`, `key.file`, `key.runtime` lines; nothing when the route has no
+/// such layer (a blue/green route has no weight).
+fn layered(
+    kv: &mut Vec<(String, String)>,
+    key: &str,
+    layers: Option<&Value>,
+    fmt: fn(Option<&Value>) -> String,
+) {
+    let Some(l) = layers.filter(|v| !v.is_null()) else {
+        return;
+    };
+    kv.push((format!("{key}.in_force"), fmt(l.get("in_force"))));
+    kv.push((format!("{key}.source"), text(l.get("source"))));
+    kv.push((format!("{key}.file"), fmt(l.get("file"))));
+    let runtime = match l.get("runtime") {
+        None | Some(Value::Null) => "none".to_owned(),
+        r => fmt(r),
+    };
+    kv.push((format!("{key}.runtime"), runtime));
+}
+
+/// The header is authoritative; the body's copy covers replies without one.
+fn etag_of(view: &Value, header: Option<&str>) -> String {
+    match header {
+        Some(h) => h.to_owned(),
+        None => text(view.get("etag")),
+    }
+}
+
+fn key_values(kv: &[(String, String)]) -> String {
+    let width = kv.iter().map(|(k, _)| k.chars().count()).max().unwrap_or(0) + 1;
+    let mut out = String::new();
+    for (k, v) in kv {
+        let _ = writeln!(out, "{:<width$} {v}", format!("{k}:"));
+    }
+    out
+}
+
+/// Left-aligned columns two spaces apart; the last column is not padded so lines carry no
+/// trailing blanks.
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0; cols];
+    for r in rows {
+        for (i, cell) in r.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in rows {
+        let mut line = String::new();
+        for (i, cell) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::http::HeaderMap;
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::{get, put};
+    use tokio::net::TcpListener;
+
+    fn route_view() -> Value {
+        json!({
+            "name": "users", "legacy": "monolith", "target": "users-v2",
+            "split": "percentage",
+            "weight": {"in_force": 25.0, "file": 10.0, "runtime": 25.0, "source": "runtime"},
+            "active": null, "flag": null, "state": "active", "rollback": null,
+            "sticky": "cookie:session_id", "etag": "\"9f2c\""
+        })
+    }
+
+    fn routes_body() -> Value {
+        json!({"routes": [
+            route_view(),
+            {
+                "name": "billing", "legacy": "monolith", "target": "billing-v2",
+                "split": "blue_green", "weight": null,
+                "active": {"in_force": "legacy", "file": "legacy", "runtime": null, "source": "file"},
+                "flag": null, "state": "rolled_back",
+                "rollback": {"at": "2026-11-22T05:00:00Z", "by": "ops", "reason": "manual"},
+                "sticky": null, "etag": "\"aa\""
+            }
+        ]})
+    }
+
+    fn unauthorized() -> Response {
+        (
+            StatusCode::UNAUTHORIZED,
+            axum::Json(
+                json!({"error": {"code": "unauthorized", "message": "missing or bad token"}}),
+            ),
+        )
+            .into_response()
+    }
+
+    /// Imitates a few answers of the admin API; checks the token like the real one does.
+    async fn fake_server() -> String {
+        async fn routes(h: HeaderMap) -> Response {
+            if h.get("authorization").and_then(|v| v.to_str().ok()) != Some("Bearer s3cret") {
+                return unauthorized();
+            }
+            axum::Json(routes_body()).into_response()
+        }
+        async fn route(h: HeaderMap) -> Response {
+            if h.get("authorization").is_none() {
+                return unauthorized();
+            }
+            ([(header::ETAG, "\"9f2c\"")], axum::Json(route_view())).into_response()
+        }
+        async fn weight(h: HeaderMap, axum::Json(body): axum::Json<Value>) -> Response {
+            if h.get("if-match").and_then(|v| v.to_str().ok()) == Some("\"stale\"") {
+                return (
+                    StatusCode::PRECONDITION_FAILED,
+                    axum::Json(json!({"error": {"code": "precondition_failed", "message": "route changed since ETag \"stale\""}})),
+                )
+                    .into_response();
+            }
+            let mut v = route_view();
+            v["weight"]["in_force"] = body["weight"].clone();
+            v["weight"]["runtime"] = body["weight"].clone();
+            ([(header::ETAG, "\"new\"")], axum::Json(v)).into_response()
+        }
+        async fn not_json() -> Response {
+            (StatusCode::OK, "hello").into_response()
+        }
+        let app = Router::new()
+            .route("/v1/routes", get(routes))
+            .route("/v1/routes/users", get(route))
+            .route("/v1/routes/users/weight", put(weight))
+            .route("/v1/flags", get(not_json));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}")
+    }
+
+    fn args(admin: &str, token: Option<&str>, output: Output, command: CtlCommand) -> CtlArgs {
+        CtlArgs {
+            admin: admin.to_owned(),
+            token: token.map(str::to_owned),
+            output,
+            command,
+        }
+    }
+
+    #[tokio::test]
+    async fn routes_table_and_json_against_fake_server() {
+        let base = fake_server().await;
+        let a = args(&base, Some("s3cret"), Output::Table, CtlCommand::Routes);
+        let out = execute(&a).await.expect("routes");
+        assert_eq!(out, render_routes(&routes_body()));
+        assert!(out.contains("users"), "{out}");
+        assert_eq!(run(a).await, 0);
+
+        let a = args(&base, Some("s3cret"), Output::Json, CtlCommand::Routes);
+        let out = execute(&a).await.expect("routes json");
+        let back: Value = serde_json::from_str(&out).expect("valid json");
+        assert_eq!(back, routes_body());
+        assert!(out.contains("\n  "), "pretty-printed: {out}");
+    }
+
+    #[tokio::test]
+    async fn route_shows_header_etag_and_weight_sends_body() {
+        let base = fake_server().await;
+        let a = args(
+            &base,
+            Some("t"),
+            Output::Table,
+            CtlCommand::Route {
+                name: "users".into(),
+            },
+        );
+        let out = execute(&a).await.expect("route");
+        assert!(out.contains("etag:"), "{out}");
+        assert!(out.contains("\"9f2c\""), "{out}");
+
+        let a = args(
+            &base,
+            Some("t"),
+            Output::Table,
+            CtlCommand::Weight {
+                name: "users".into(),
+                percent: 42.5,
+                if_match: Some("9f2c".into()),
+            },
+        );
+        let out = execute(&a).await.expect("weight");
+        assert!(out.contains("weight.in_force: 42.5%"), "{out}");
+        assert!(out.contains("\"new\""), "{out}");
+    }
+
+    #[tokio::test]
+    async fn api_errors_carry_code_and_message() {
+        let base = fake_server().await;
+        let a = args(&base, Some("wrong"), Output::Table, CtlCommand::Routes);
+        match execute(&a).await {
+            Err(e @ CtlError::Api { status: 401, .. }) => {
+                assert_eq!(e.code(), "unauthorized");
+                assert_eq!(e.message(), "missing or bad token");
+            }
+            other => panic!("expected 401, got {other:?}"),
+        }
+        assert_eq!(run(a).await, 1);
+
+        // Without a token the message says where one comes from.
+        let a = args(&base, None, Output::Table, CtlCommand::Routes);
+        let e = execute(&a).await.expect_err("401");
+        assert!(e.message().contains("SWITCHYARD_ADMIN_TOKEN"), "{e}");
+
+        let a = args(
+            &base,
+            Some("t"),
+            Output::Table,
+            CtlCommand::Weight {
+                name: "users".into(),
+                percent: 5.0,
+                if_match: Some("stale".into()),
+            },
+        );
+        let e = execute(&a).await.expect_err("412");
+        assert_eq!(e.code(), "precondition_failed");
+
+        // A route the fake does not know: axum's plain 404 has no JSON error body.
+        let a = args(
+            &base,
+            Some("t"),
+            Output::Table,
+            CtlCommand::Reset {
+                name: "nope".into(),
+            },
+        );
+        let e = execute(&a).await.expect_err("404");
+        assert_eq!(e.code(), "http_404");
+
+        let a = args(&base, Some("t"), Output::Table, CtlCommand::Flags);
+        let e = execute(&a).await.expect_err("not json");
+        assert_eq!(e.code(), "bad_response");
+    }
+
+    #[tokio::test]
+    async fn connection_refused_exits_1() {
+        // Bind then drop: the port is very likely closed for the moment the test needs.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        drop(listener);
+        let a = args(
+            &format!("http://{addr}"),
+            Some("t"),
+            Output::Table,
+            CtlCommand::Routes,
+        );
+        let e = execute(&a).await.expect_err("refused");
+        assert_eq!(e.code(), "unreachable");
+        assert!(e.message().to_lowercase().contains("refused"), "{e}");
+        assert_eq!(run(a).await, 1);
+    }
+
+    #[tokio::test]
+    async fn bad_urls_and_names_fail_before_sending() {
+        for (url, code) in [
+            ("https://127.0.0.1:9901", "tls_unsupported"),
+            ("127.0.0.1:9901", "bad_url"),
+            ("ftp://x", "bad_url"),
+            ("http://", "bad_url"),
+        ] {
+            let a = args(url, None, Output::Table, CtlCommand::Routes);
+            let e = execute(&a).await.expect_err(url);
+            assert_eq!(e.code(), code, "{url}: {e}");
+        }
+        let a = args(
+            "http://127.0.0.1:1",
+            None,
+            Output::Table,
+            CtlCommand::Route { name: "a/b".into() },
+        );
+        assert_eq!(execute(&a).await.expect_err("name").code(), "bad_name");
+        let a = args(
+            "http://127.0.0.1:1",
+            None,
+            Output::Table,
+            CtlCommand::Weight {
+                name: "users".into(),
+                percent: f64::NAN,
+                if_match: None,
+            },
+        );
+        assert_eq!(execute(&a).await.expect_err("nan").code(), "bad_argument");
+    }
+
+    #[test]
+    fn routes_table_layout() {
+        let out = render_routes(&routes_body());
+        let expected = "\
+NAME     SPLIT       WEIGHT  ACTIVE  STATE
+users    percentage  25%*    -       active
+billing  blue_green  -       legacy  rolled_back
+* runtime override in force
+";
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn route_key_values() {
+        let out = render_route(&routes_body()["routes"][1], None);
+        let expected = "\
+name:            billing
+split:           blue_green
+legacy:          monolith
+target:          billing-v2
+active.in_force: legacy
+active.source:   file
+active.file:     legacy
+active.runtime:  none
+state:           rolled_back
+rollback.at:     2026-11-22T05:00:00Z
+rollback.by:     ops
+rollback.reason: manual
+sticky:          -
+etag:            \"aa\"
+";
+        assert_eq!(out, expected);
+    }
+
+    #[test]
+    fn flags_and_flag() {
+        let flag = json!({"name": "new-search",
+            "percentage": {"in_force": 30.0, "file": 10.0, "runtime": 30.0, "source": "runtime"},
+            "rules": 1, "sticky": "header:x-user-id", "etag": "\"ff\""});
+        let out = render_flags(&json!({"flags": [flag.clone()]}));
+        assert_eq!(
+            out,
+            "NAME        PERCENTAGE  RULES  STICKY\nnew-search  30%*        1      header:x-user-id\n* runtime override in force\n"
+        );
+        let out = render_flag(&flag, Some("\"hdr\""));
+        assert!(out.contains("percentage.file:     10%\n"), "{out}");
+        assert!(out.contains("etag:                \"hdr\"\n"), "{out}");
+    }
+
+    #[test]
+    fn audit_table() {
+        let body = json!({"entries": [{
+            "id": 7, "at": "2026-11-22T05:00:00Z", "actor": "ops", "action": "set_weight",
+            "target": "users", "before": {"weight": 10.0}, "after": {"weight": 25.0},
+            "outcome": "applied", "detail": null
+        }, {
+            "id": 6, "at": "2026-11-22T04:00:00Z", "actor": "ci", "action": "reset",
+            "target": "billing", "before": null, "after": null, "outcome": "refused", "detail": "x"
+        }]});
+        let out = render_audit(&body);
+        let expected = "\
+AT                    ACTOR  ACTION      TARGET   OUTCOME  BEFORE→AFTER
+2026-11-22T05:00:00Z  ops    set_weight  users    applied  {\"weight\":10.0}→{\"weight\":25.0}
+2026-11-22T04:00:00Z  ci     reset       billing  refused  -→-
+";
+        assert_eq!(out, expected);
+        assert_eq!(
+            render_audit(&json!({})),
+            "AT  ACTOR  ACTION  TARGET  OUTCOME  BEFORE→AFTER\n"
+        );
+    }
+
+    /// The shape `main.rs` flattens: subcommand names and flags as operators type them.
+    #[test]
+    fn parses_like_the_cli() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            ctl: CtlArgs,
+        }
+        let cli = Cli::try_parse_from([
+            "ctl",
+            "--admin",
+            "http://h:1",
+            "--token",
+            "t",
+            "--output",
+            "json",
+            "weight",
+            "users",
+            "12.5",
+            "--if-match",
+            "abc",
+        ])
+        .expect("parse");
+        assert_eq!(cli.ctl.output, Output::Json);
+        assert!(matches!(
+            cli.ctl.command,
+            CtlCommand::Weight { ref name, percent, ref if_match }
+                if name == "users" && percent == 12.5 && if_match.as_deref() == Some("abc")
+        ));
+        let cli = Cli::try_parse_from(["ctl", "switch", "billing", "target"]).expect("switch");
+        assert!(matches!(
+            cli.ctl.command,
+            CtlCommand::Switch {
+                side: SideArg::Target,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["ctl", "audit"]).expect("audit");
+        assert!(matches!(cli.ctl.command, CtlCommand::Audit { limit: 20 }));
+        assert!(Cli::try_parse_from(["ctl", "switch", "billing", "blue"]).is_err());
+    }
+
+    #[test]
+    fn small_helpers() {
+        assert_eq!(percent(Some(&json!(33.333))), "33.33%");
+        assert_eq!(percent(Some(&json!(0))), "0%");
+        assert_eq!(percent(Some(&json!(100.0))), "100%");
+        assert_eq!(quote_etag("abc"), "\"abc\"");
+        assert_eq!(quote_etag("\"abc\""), "\"abc\"");
+        assert_eq!(segment("..").expect("dots").as_ref(), "%2E%2E");
+        assert!(segment("").is_err());
+        assert!(segment("a b").is_err());
+    }
+}
