@@ -4,7 +4,6 @@
 //! Every command is one HTTP call. `execute` returns what would be printed so tests can check
 //! output without capturing stdout; `run` prints it and turns errors into exit code 1.
 
-use std::borrow::Cow;
 use std::fmt::Write as _;
 use std::time::Duration;
 
@@ -68,6 +67,8 @@ pub enum CtlCommand {
     /// Set the target weight (0..100) of a percentage or canary route; clears a rollback.
     Weight {
         name: String,
+        /// Negative values are passed on, so the API's own 422 explains the range.
+        #[arg(allow_negative_numbers = true)]
         percent: f64,
         /// Refuse (412) unless the route still has this ETag.
         #[arg(long)]
@@ -254,7 +255,7 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
 
 /// Route and flag names are `[A-Za-z0-9._-]`, so checking the name is all the percent-encoding
 /// needed — except `.` and `..`, which URL normalisation anywhere on the way would eat.
-fn segment(name: &str) -> Result<Cow<'_, str>, CtlError> {
+fn segment(name: &str) -> Result<&str, CtlError> {
     let ok = !name.is_empty()
         && name
             .bytes()
@@ -263,9 +264,9 @@ fn segment(name: &str) -> Result<Cow<'_, str>, CtlError> {
         return Err(CtlError::BadName(name.to_owned()));
     }
     Ok(match name {
-        "." => Cow::Borrowed("%2E"),
-        ".." => Cow::Borrowed("%2E%2E"),
-        other => Cow::Borrowed(other),
+        "." => "%2E",
+        ".." => "%2E%2E",
+        other => other,
     })
 }
 
@@ -1061,7 +1062,7 @@ AT                    ACTOR  ACTION      TARGET   OUTCOME  BEFORE→AFTER
         assert_eq!(percent(Some(&json!(100.0))), "100%");
         assert_eq!(quote_etag("abc"), "\"abc\"");
         assert_eq!(quote_etag("\"abc\""), "\"abc\"");
-        assert_eq!(segment("..").expect("dots").as_ref(), "%2E%2E");
+        assert_eq!(segment("..").expect("dots"), "%2E%2E");
         assert!(segment("").is_err());
         assert!(segment("a b").is_err());
     }

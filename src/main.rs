@@ -40,6 +40,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Client of the admin API: read and change routes and flags, read the audit log.
+    Ctl(switchyard::ctl::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
     logging::init(cli.log_format, &cli.log_level);
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Ctl(args) => ctl(args),
         Command::Serve {
             config,
             concurrency,
@@ -81,6 +84,21 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(e) => {
             println!("{}:1:1: {e}", path.display());
             ExitCode::from(2)
+        }
+    }
+}
+
+fn ctl(args: switchyard::ctl::CtlArgs) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => {
+            ExitCode::from(u8::try_from(runtime.block_on(switchyard::ctl::run(args))).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("switchyard ctl: cannot start the runtime: {e}");
+            ExitCode::FAILURE
         }
     }
 }
