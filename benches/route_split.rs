@@ -36,7 +36,12 @@ fn bench(c: &mut Criterion) {
     let config = switchyard::config::parse(&config_yaml(), Path::new("bench.yaml"))
         .expect("valid bench config");
     let metrics = Metrics::new();
-    let snapshot = RoutingSnapshot::build(1, &config, &metrics);
+    let snapshot = RoutingSnapshot::build(
+        1,
+        &config,
+        &metrics,
+        &switchyard::health::HealthRegistry::default(),
+    );
     let mut headers = HeaderMap::new();
     headers.insert("host", HeaderValue::from_static("www.example.com"));
     headers.insert("user-agent", HeaderValue::from_static("bench/1.0"));

@@ -13,8 +13,9 @@ use crate::config::{self, ConfigError};
 use crate::control::admin;
 use crate::control::auth::{AuthError, Tokens};
 use crate::control::plane::ControlPlane;
-use crate::dataplane::listener::{self, ListenerSettings};
+use crate::dataplane::listener::{self, ConnectionLimit, ListenerSettings};
 use crate::dataplane::proxy::Proxy;
+use crate::dataplane::tls::{TlsError, TlsTerminator};
 use crate::lifecycle::{Readiness, shutdown_pair};
 use crate::snapshot::Publisher;
 use crate::telemetry::Metrics;
@@ -31,6 +32,8 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Reload(#[from] ReloadError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
     #[error(transparent)]
@@ -64,7 +67,11 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         tracing::warn!("no admin token configured: every /v1 call will be refused with 401");
     }
     let metrics = Arc::new(Metrics::new());
-    let publisher = Arc::new(Publisher::new(&config, metrics.clone()));
+    let publisher = Arc::new(Publisher::new(
+        &config,
+        metrics.clone(),
+        Arc::new(crate::health::HealthRegistry::default()),
+    ));
     let control = Arc::new(ControlPlane::new(publisher.clone(), config.clone()));
     // Runtime state should be in force before the first request; a store that does not
     // answer soon is left to the background sync, and the file's config serves meanwhile.
@@ -83,6 +90,16 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     let admin_listener = bind("admin", config.admin_listen).await?;
     let proxy_addr = proxy_listener.local_addr().map_err(ServeError::Signal)?;
     let admin_addr = admin_listener.local_addr().map_err(ServeError::Signal)?;
+    // Certificates are loaded before anything serves, so a broken one stops the start.
+    let https = match &config.https {
+        Some(spec) => {
+            let terminator = TlsTerminator::load(spec)?;
+            let listener = bind("https", spec.addr).await?;
+            let addr = listener.local_addr().map_err(ServeError::Signal)?;
+            Some((listener, addr, terminator))
+        }
+        None => None,
+    };
 
     let mut terms = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
     let mut interrupts = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
@@ -98,6 +115,10 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     )
     .start(rest_shutdown.clone())?;
     let store_sync = tokio::spawn(control.clone().run_store_sync(rest_shutdown.clone()));
+    let monitor = crate::health::monitor::RollbackMonitor::new(publisher.handle(), control.clone())
+        .start(rest_shutdown.clone());
+    let prober =
+        crate::health::probe::ActiveProber::new(publisher.handle()).start(rest_shutdown.clone());
     let proxy = Arc::new(Proxy::new(
         publisher.handle(),
         &config.timeouts,
@@ -105,13 +126,40 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     ));
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,
+        keepalive_timeout: config.timeouts.keepalive,
         max_header_bytes: config.limits.max_header_bytes,
         shutdown_timeout: config.shutdown_timeout,
     };
+    let limit = ConnectionLimit::new(config.limits.max_connections);
+    let mut https_addr = None;
+    let mut cert_reloader = None;
+    let https_task = match https {
+        Some((https_listener, addr, terminator)) => {
+            https_addr = Some(addr);
+            cert_reloader = Some(
+                terminator
+                    .reloader(metrics.clone())
+                    .start(rest_shutdown.clone())?,
+            );
+            Some(tokio::spawn(listener::serve(
+                "https",
+                https_listener,
+                Arc::new(proxy.for_https()),
+                Some(terminator.acceptor()),
+                settings,
+                limit.clone(),
+                proxy_shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
     let proxy_task = tokio::spawn(listener::serve(
+        "http",
         proxy_listener,
         proxy,
+        None,
         settings,
+        limit,
         proxy_shutdown,
     ));
     let admin_task = tokio::spawn(admin::serve(
@@ -121,13 +169,14 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     ));
 
     readiness.set(true);
-    tracing::info!(%proxy_addr, %admin_addr, routes = config.routes.len(), "switchyard is serving");
+    tracing::info!(%proxy_addr, https_addr = ?https_addr, %admin_addr, routes = config.routes.len(), "switchyard is serving");
     // One machine-readable line on stdout, so scripts and tests that asked for port 0 can
     // find the ports without parsing logs.
-    println!(
-        "{}",
-        serde_json::json!({ "event": "listening", "http": proxy_addr.to_string(), "admin": admin_addr.to_string() })
-    );
+    let mut listening = serde_json::json!({ "event": "listening", "http": proxy_addr.to_string(), "admin": admin_addr.to_string() });
+    if let Some(addr) = https_addr {
+        listening["https"] = serde_json::Value::from(addr.to_string());
+    }
+    println!("{listening}");
 
     tokio::select! {
         _ = terms.recv() => tracing::info!("SIGTERM: draining"),
@@ -139,11 +188,20 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         tokio::time::sleep(config.drain_delay).await;
     }
     stop_proxy.trigger();
+    // Both listeners drain at once, each within shutdown_timeout.
     let _ = proxy_task.await;
+    if let Some(task) = https_task {
+        let _ = task.await;
+    }
     stop_rest.trigger();
     let _ = admin_task.await;
     let _ = reloader.await;
+    if let Some(task) = cert_reloader {
+        let _ = task.await;
+    }
     let _ = store_sync.await;
+    let _ = monitor.await;
+    let _ = prober.await;
     tracing::info!("switchyard stopped");
     Ok(())
 }

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use arc_swap::{ArcSwap, Guard};
 
-use crate::config::{Config, Endpoint, Timeouts};
+use crate::config::{Config, Endpoint, HealthProbe, RoutePolicy, Timeouts};
 use crate::dataplane::route::{BackendId, Route, RouteId, RouteTable};
 use crate::dataplane::split::{Flag, RequestFacts};
+use crate::health::{EndpointHealth, HealthRegistry, RouteHealth};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{RouteLabels, RouteStats};
 
@@ -23,15 +24,29 @@ pub const DEFAULT_ROUTE: &str = "_default";
 pub struct Backend {
     pub name: Arc<str>,
     pub endpoints: Vec<Endpoint>,
+    /// Same order as `endpoints`; shared with the prober through the registry.
+    pub endpoint_health: Vec<Arc<EndpointHealth>>,
+    pub probe: Option<HealthProbe>,
     next: AtomicUsize,
 }
 
 impl Backend {
-    /// Round robin. The counter lives in the snapshot, so a reload restarts the rotation,
-    /// which is harmless.
+    /// Round robin over the endpoints that pass their probe. When none does, all are used:
+    /// a probe that is wrong about every endpoint must not take a whole backend offline
+    /// (Envoy calls this panic routing). The counter lives in the snapshot, so a reload
+    /// restarts the rotation, which is harmless.
     pub fn pick(&self) -> &Endpoint {
-        let n = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.endpoints[n % self.endpoints.len()]
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&i| self.endpoint_health[i].is_up())
+            .map_or(&self.endpoints[start % n], |i| &self.endpoints[i])
+    }
+
+    /// True when the backend is probed and every endpoint fails its probe.
+    pub fn all_down(&self) -> bool {
+        self.probe.is_some() && self.endpoint_health.iter().all(|h| !h.is_up())
     }
 }
 
@@ -48,17 +63,32 @@ pub struct RoutingSnapshot {
     pub timeouts: Timeouts,
     /// Same order as `routes`.
     pub stats: Vec<RouteStats>,
+    /// Same order as `routes`.
+    pub health: Vec<Arc<RouteHealth>>,
+    /// Same order as `routes`.
+    pub policies: Vec<RoutePolicy>,
     pub default_stats: RouteStats,
 }
 
 impl RoutingSnapshot {
-    pub fn build(version: u64, config: &Config, metrics: &Metrics) -> RoutingSnapshot {
+    pub fn build(
+        version: u64,
+        config: &Config,
+        metrics: &Metrics,
+        health: &HealthRegistry,
+    ) -> RoutingSnapshot {
         let backends = config
             .backends
             .iter()
             .map(|b| Backend {
                 name: Arc::from(b.name.as_str()),
+                endpoint_health: b
+                    .endpoints
+                    .iter()
+                    .map(|e| health.endpoint(&b.name, &e.to_string()))
+                    .collect(),
                 endpoints: b.endpoints.clone(),
+                probe: b.health.clone(),
                 next: AtomicUsize::new(0),
             })
             .collect();
@@ -70,6 +100,8 @@ impl RoutingSnapshot {
                 .iter()
                 .map(|r| metrics.route_stats(&r.name))
                 .collect(),
+            health: routes.iter().map(|r| health.route(&r.name)).collect(),
+            policies: config.policies.clone(),
             default_stats: metrics.route_stats(&Arc::from(DEFAULT_ROUTE)),
             routes,
             backends,
@@ -108,18 +140,20 @@ impl SnapshotHandle {
 pub struct Publisher {
     current: Arc<ArcSwap<RoutingSnapshot>>,
     metrics: Arc<Metrics>,
+    health: Arc<HealthRegistry>,
     version: AtomicU64,
     /// Serialises publishers so versions and gauges move in the order snapshots do.
     publishing: std::sync::Mutex<()>,
 }
 
 impl Publisher {
-    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Publisher {
-        let first = RoutingSnapshot::build(1, config, &metrics);
+    pub fn new(config: &Config, metrics: Arc<Metrics>, health: Arc<HealthRegistry>) -> Publisher {
+        let first = RoutingSnapshot::build(1, config, &metrics, &health);
         update_weight_gauges(&metrics, None, &first);
         Publisher {
             current: Arc::new(ArcSwap::from_pointee(first)),
             metrics,
+            health,
             version: AtomicU64::new(1),
             publishing: std::sync::Mutex::new(()),
         }
@@ -135,6 +169,10 @@ impl Publisher {
         &self.metrics
     }
 
+    pub fn health(&self) -> &Arc<HealthRegistry> {
+        &self.health
+    }
+
     /// Builds a snapshot from a validated config and swaps it in. Returns its version.
     pub fn publish(&self, config: &Config) -> u64 {
         let _guard = self
@@ -142,7 +180,7 @@ impl Publisher {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-        let next = RoutingSnapshot::build(version, config, &self.metrics);
+        let next = RoutingSnapshot::build(version, config, &self.metrics, &self.health);
         let previous = self.current.swap(Arc::new(next));
         update_weight_gauges(&self.metrics, Some(&previous), &self.current.load());
         version

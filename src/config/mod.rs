@@ -95,6 +95,8 @@ pub fn parse_with_env(
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// The TLS listener, when `listen.https` is set.
+    pub https: Option<HttpsListen>,
     pub admin_listen: SocketAddr,
     /// Resolved against the config file's directory.
     pub admin_tokens_file: Option<PathBuf>,
@@ -123,6 +125,8 @@ pub struct Timeouts {
     pub request: Duration,
     /// An idle pooled upstream connection is closed after this.
     pub idle: Duration,
+    /// A client connection with no request in flight is closed after this.
+    pub keepalive: Duration,
 }
 
 impl Default for Timeouts {
@@ -132,6 +136,9 @@ impl Default for Timeouts {
             header_read: Duration::from_secs(10),
             request: Duration::from_secs(30),
             idle: Duration::from_secs(60),
+            // Above the 60 s idle timeout of common cloud load balancers, so the balancer,
+            // not switchyard, closes an idle connection it might be about to reuse.
+            keepalive: Duration::from_secs(75),
         }
     }
 }
@@ -140,14 +147,38 @@ impl Default for Timeouts {
 pub struct Limits {
     /// Largest request head (request line and headers) accepted, in bytes.
     pub max_header_bytes: usize,
+    /// Largest request body accepted, in bytes; larger ones get 413 or are cut.
+    pub max_body_bytes: u64,
+    /// Client connections open at once, over both listeners; at the limit switchyard
+    /// stops accepting until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_header_bytes: 32 * 1024,
+            // 1 GiB: large uploads pass through by default (they are streamed, never
+            // buffered); the limit is a guard against runaway clients, set it lower per site.
+            max_body_bytes: 1024 * 1024 * 1024,
+            max_connections: 10_000,
         }
     }
+}
+
+/// `listen.https`: where TLS is terminated and with which certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsListen {
+    pub addr: SocketAddr,
+    /// Never empty; the first is the default for clients without SNI or an unknown name.
+    /// Paths are resolved against the config file's directory.
+    pub certificates: Vec<CertificateFiles>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,6 +205,11 @@ impl fmt::Display for Endpoint {
 pub struct HealthProbe {
     pub path: String,
     pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down endpoint back.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that take an endpoint out of the balancer.
+    pub unhealthy_threshold: u32,
 }
 
 /// Per-route settings that later stages (rollback, failover, rollouts) act on.
@@ -196,7 +232,10 @@ pub struct RollbackSpec {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FailoverSpec {
     pub methods: Vec<http::Method>,
+    /// Replays allowed, as a share of the route's requests in its window.
     pub budget: f64,
+    pub on_5xx: bool,
+    pub max_replay_bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

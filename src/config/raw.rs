@@ -47,6 +47,17 @@ pub struct RawListen {
 #[serde(deny_unknown_fields)]
 pub struct RawHttps {
     pub addr: String,
+    /// The default certificate: clients without SNI or with a name no certificate has.
+    pub cert: String,
+    pub key: String,
+    /// More certificates, chosen by SNI from their SAN DNS names.
+    #[serde(default)]
+    pub certificates: Vec<RawCertificate>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
     pub cert: String,
     pub key: String,
 }
@@ -77,6 +88,8 @@ pub struct RawTimeouts {
     pub request: Option<String>,
     #[serde(default)]
     pub idle: Option<String>,
+    #[serde(default)]
+    pub keepalive: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +97,10 @@ pub struct RawTimeouts {
 pub struct RawLimits {
     #[serde(default)]
     pub max_header_bytes: Option<u64>,
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    #[serde(default)]
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +117,12 @@ pub struct RawHealth {
     pub path: String,
     #[serde(default)]
     pub interval: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<String>,
+    #[serde(default)]
+    pub healthy_threshold: Option<u32>,
+    #[serde(default)]
+    pub unhealthy_threshold: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -243,6 +266,12 @@ pub struct RawFailover {
     pub methods: Vec<String>,
     #[serde(default)]
     pub budget: Option<f64>,
+    /// Also replay when the target answers 5xx (before any byte reached the client).
+    #[serde(default)]
+    pub on_5xx: Option<bool>,
+    /// Request bodies up to this size are kept for a replay; larger ones are not replayed.
+    #[serde(default)]
+    pub max_replay_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -132,6 +132,17 @@ impl ConfigReloader {
             Ok(next) => {
                 for (what, changed) in [
                     ("listen.http", next.listen != self.current.listen),
+                    // Certificate files are re-read by the TLS reloader; their paths are not.
+                    ("listen.https", next.https != self.current.https),
+                    ("limits", next.limits != self.current.limits),
+                    (
+                        "timeouts.header_read",
+                        next.timeouts.header_read != self.current.timeouts.header_read,
+                    ),
+                    (
+                        "timeouts.keepalive",
+                        next.timeouts.keepalive != self.current.timeouts.keepalive,
+                    ),
                     (
                         "admin.listen",
                         next.admin_listen != self.current.admin_listen,

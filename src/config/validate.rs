@@ -190,12 +190,7 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     let listen = c
         .socket_addr("listen.http", &raw.listen.http)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
-    if raw.listen.https.is_some() {
-        c.error(
-            "listen.https",
-            "TLS termination is not available in this version yet; remove `https` or terminate TLS in front",
-        );
-    }
+    let https = raw.listen.https.as_ref().and_then(|h| https(c, h, listen));
     let admin_listen = match &raw.admin {
         Some(a) => c.socket_addr("admin.listen", &a.listen),
         None => None,
@@ -243,6 +238,11 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
             t.and_then(|t| t.idle.as_deref()),
             defaults.idle,
         ),
+        keepalive: c.duration(
+            "timeouts.keepalive",
+            t.and_then(|t| t.keepalive.as_deref()),
+            defaults.keepalive,
+        ),
     };
     let mut limits = Limits::default();
     if let Some(max) = raw.limits.as_ref().and_then(|l| l.max_header_bytes) {
@@ -253,6 +253,27 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
             );
         } else {
             limits.max_header_bytes = max as usize;
+        }
+    }
+    if let Some(max) = raw.limits.as_ref().and_then(|l| l.max_body_bytes) {
+        if max == 0 {
+            c.error(
+                "limits.max_body_bytes",
+                "0 would refuse every request body; it must be at least 1",
+            );
+        } else {
+            limits.max_body_bytes = max;
+        }
+    }
+    if let Some(max) = raw.limits.as_ref().and_then(|l| l.max_connections) {
+        // The semaphore that enforces it holds at most usize::MAX >> 3 permits.
+        if !(1..=1 << 24).contains(&max) {
+            c.error(
+                "limits.max_connections",
+                format!("{max} is out of range: it must be between 1 and 16777216"),
+            );
+        } else {
+            limits.max_connections = max as usize;
         }
     }
     let drain_delay = match raw.drain_delay.as_deref() {
@@ -362,6 +383,7 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
 
     Config {
         listen,
+        https,
         admin_listen,
         admin_tokens_file,
         state_url,
@@ -377,6 +399,47 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         sync,
         consistency,
     }
+}
+
+/// `listen.https`: the address, and every certificate loaded now, so `check` catches a
+/// missing file, a bad PEM or a key that does not match its certificate.
+fn https(c: &mut Checker<'_>, raw: &RawHttps, http: SocketAddr) -> Option<HttpsListen> {
+    let addr = c.socket_addr("listen.https.addr", &raw.addr);
+    if let Some(addr) = addr
+        && addr == http
+        && addr.port() != 0
+    {
+        c.error(
+            "listen.https.addr",
+            format!("{addr} is also `listen.http`; the two listeners need different ports"),
+        );
+    }
+    let dir = c.file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let pairs = std::iter::once(("listen.https".to_string(), &raw.cert, &raw.key)).chain(
+        raw.certificates
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (format!("listen.https.certificates[{i}]"), &p.cert, &p.key)),
+    );
+    let mut certificates = Vec::new();
+    let mut ok = true;
+    for (path, cert, key) in pairs {
+        let files = CertificateFiles {
+            cert: dir.join(cert),
+            key: dir.join(key),
+        };
+        if let Err(e) = crate::dataplane::tls::load_certificate(&files) {
+            let at = if e.is_about_key() { "key" } else { "cert" };
+            c.error(&format!("{path}.{at}"), e.to_string());
+            ok = false;
+        }
+        certificates.push(files);
+    }
+    Some(HttpsListen {
+        addr: addr?,
+        certificates,
+    })
+    .filter(|_| ok)
 }
 
 fn undefined_backend(name: &str, ids: &HashMap<&str, BackendId>) -> String {
@@ -439,6 +502,17 @@ fn backends<'r>(
                     format!("`{}` must start with `/`", h.path),
                 );
             }
+            let threshold = |c: &mut Checker<'_>, key: &str, v: Option<u32>, default: u32| match v {
+                Some(0) => {
+                    c.error(
+                        &format!("{path}.health.{key}"),
+                        "a threshold must be at least 1",
+                    );
+                    default
+                }
+                Some(n) => n,
+                None => default,
+            };
             HealthProbe {
                 path: h.path.clone(),
                 interval: c.duration(
@@ -446,6 +520,13 @@ fn backends<'r>(
                     h.interval.as_deref(),
                     Duration::from_secs(2),
                 ),
+                timeout: c.duration(
+                    &format!("{path}.health.timeout"),
+                    h.timeout.as_deref(),
+                    Duration::from_secs(1),
+                ),
+                healthy_threshold: threshold(c, "healthy_threshold", h.healthy_threshold, 2),
+                unhealthy_threshold: threshold(c, "unhealthy_threshold", h.unhealthy_threshold, 3),
             }
         });
         ids.insert(name.as_str(), BackendId(specs.len() as u32));
@@ -812,11 +893,23 @@ fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
                 1.0,
                 1000.0,
             ),
-            window: c.duration(
-                &format!("{p}.window"),
-                r.window.as_deref(),
-                Duration::from_secs(10),
-            ),
+            window: {
+                let w = c.duration(
+                    &format!("{p}.window"),
+                    r.window.as_deref(),
+                    Duration::from_secs(10),
+                );
+                if w > crate::health::MAX_WINDOW {
+                    c.error(
+                        &format!("{p}.window"),
+                        format!(
+                            "the window must be at most {}s",
+                            crate::health::MAX_WINDOW.as_secs()
+                        ),
+                    );
+                }
+                w.min(crate::health::MAX_WINDOW)
+            },
             min_requests: r.min_requests.unwrap_or(20),
             min_consistency: c.ratio(&format!("{p}.min_consistency"), r.min_consistency, 0.0, 1.0),
         }
@@ -834,6 +927,8 @@ fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
             budget: c
                 .ratio(&format!("{p}.budget"), f.budget, 0.0, 1.0)
                 .unwrap_or(0.2),
+            on_5xx: f.on_5xx.unwrap_or(false),
+            max_replay_bytes: f.max_replay_bytes.unwrap_or(64 * 1024),
         }
     });
     let rollout = rr.rollout.as_ref().map(|r| {

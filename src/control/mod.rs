@@ -7,3 +7,4 @@ pub mod auth;
 pub mod overrides;
 pub mod plane;
 pub mod store;
+pub mod webhook;

@@ -12,11 +12,14 @@ use tokio::sync::Mutex;
 
 use super::overrides::{self, FlagOverride, Overrides, RollbackMark, RouteOverride};
 use super::store::{AuditEntry, Engine, StateStore, StateWrite, StoreError, now_rfc3339};
+use super::webhook;
 use crate::config::Config;
 use crate::dataplane::route::Route;
 use crate::dataplane::split::{Flag, Side, Split, StickyKey, Weight};
+use crate::health::monitor::Breach;
 use crate::lifecycle::Shutdown;
 use crate::snapshot::Publisher;
+use crate::telemetry::metrics::RollbackLabels;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -65,6 +68,9 @@ impl Change {
         }
     }
 }
+
+/// The actor health rollbacks are audited under.
+pub const HEALTH_ACTOR: &str = "health";
 
 struct Desired {
     config: Config,
@@ -198,6 +204,142 @@ impl ControlPlane {
         }
     }
 
+    /// A health rollback. Unlike an operator's change it is published first and persisted
+    /// after: sending users back to the monolith must not wait for, or depend on, the store.
+    pub async fn auto_rollback(&self, route: &str, breach: Breach) {
+        let mut desired = self.desired.lock().await;
+        if desired
+            .overrides
+            .routes
+            .get(route)
+            .is_some_and(|o| o.rollback.is_some())
+        {
+            return;
+        }
+        let Some(before) = route_view(&desired, route) else {
+            return;
+        };
+        let reason = format!("{}: {}", breach.reason, breach.detail);
+        let o = desired
+            .overrides
+            .routes
+            .entry(route.to_string())
+            .or_default();
+        o.rollback = Some(RollbackMark {
+            at: now_rfc3339(),
+            by: HEALTH_ACTOR.to_string(),
+            reason: reason.clone(),
+        });
+        let value = o.clone();
+        let version = self.publish(&desired);
+        tracing::error!(version, route, reason = %reason, figures = %breach.figures, "route rolled back to legacy");
+        self.announce_rollback(
+            &desired,
+            route,
+            breach.reason,
+            &reason,
+            Some(breach.figures.clone()),
+        );
+        let after = route_view(&desired, route).unwrap_or_default();
+        drop(desired);
+
+        let mut entry = audit_entry(
+            HEALTH_ACTOR,
+            &Change::Rollback {
+                route: route.to_string(),
+                reason: reason.clone(),
+            },
+            Some(strip_etag(&before)),
+            Some(strip_etag(&after)),
+            "applied",
+            Some(format!("{reason}; figures: {}", breach.figures)),
+        );
+        let write = StateWrite::Route {
+            name: route.to_string(),
+            value,
+        };
+        // Persisting is retried in the background; the rollback is already in force.
+        let store = self.current_store().await;
+        tokio::spawn(async move {
+            let Some(store) = store else {
+                tracing::warn!(
+                    "state store not connected: the rollback is in force but not recorded"
+                );
+                return;
+            };
+            for delay in [0u64, 1, 2, 5, 10, 30] {
+                tokio::time::sleep(Duration::from_secs(delay)).await;
+                entry.at = now_rfc3339();
+                match store.commit(&write, &entry).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot record the rollback yet; retrying")
+                    }
+                }
+            }
+            tracing::error!(
+                "gave up recording the rollback in the state store; it stays in force in this process"
+            );
+        });
+    }
+
+    fn announce_rollback(
+        &self,
+        desired: &Desired,
+        route: &str,
+        reason: &'static str,
+        detail: &str,
+        figures: Option<Value>,
+    ) {
+        self.publisher
+            .metrics()
+            .rollbacks
+            .get_or_create(&RollbackLabels {
+                route: Arc::from(route),
+                reason,
+            })
+            .inc();
+        let webhooks = desired
+            .config
+            .routes
+            .iter()
+            .position(|r| &*r.name == route)
+            .and_then(|i| desired.config.policies[i].rollout.as_ref())
+            .map(|r| r.webhooks.clone())
+            .unwrap_or_default();
+        webhook::announce(
+            &webhooks,
+            "rollback",
+            json!({ "event": "rollback", "route": route, "reason": reason, "detail": detail, "figures": figures, "at": now_rfc3339() }),
+        );
+    }
+
+    /// The live window figures of a route, added to its view (outside the ETag: they
+    /// change with every request, the route's settings do not).
+    fn with_health(&self, desired: &Desired, mut view: Value) -> Value {
+        let Some(name) = view["name"].as_str().map(str::to_string) else {
+            return view;
+        };
+        let Some(i) = desired.config.routes.iter().position(|r| *r.name == *name) else {
+            return view;
+        };
+        let window = desired.config.policies[i]
+            .rollback
+            .as_ref()
+            .map_or(Duration::from_secs(10), |r| r.window);
+        let health = self
+            .publisher
+            .health()
+            .route(&desired.config.routes[i].name);
+        let now = std::time::Instant::now();
+        view["health"] = json!({
+            "window_s": window.as_secs(),
+            "legacy": health.legacy.figures(now, window).to_json(),
+            "target": health.target.figures(now, window).to_json(),
+        });
+        view
+    }
+
     /// Validates, writes store and audit in one transaction, then publishes.
     pub async fn change(
         &self,
@@ -257,6 +399,10 @@ impl ControlPlane {
         })?;
         *desired = next;
         let version = self.publish(&desired);
+        if let Change::Rollback { route, reason } = &change {
+            self.announce_rollback(&desired, route, "manual", reason, None);
+        }
+        let after = self.with_health(&desired, after);
         tracing::info!(
             version,
             actor,
@@ -287,11 +433,13 @@ impl ControlPlane {
             .routes
             .iter()
             .filter_map(|r| route_view(&desired, &r.name))
+            .map(|v| self.with_health(&desired, v))
             .collect()
     }
 
     pub async fn route(&self, name: &str) -> Option<Value> {
-        route_view(&*self.desired.lock().await, name)
+        let desired = self.desired.lock().await;
+        route_view(&desired, name).map(|v| self.with_health(&desired, v))
     }
 
     pub async fn flags(&self) -> Vec<Value> {

@@ -1,6 +1,11 @@
 //! Request-head guard for client HTTP/1 connections: watches the raw bytes hyper reads and flags
 //! request-smuggling shapes (TE+CL, duplicate CL) and oversized heads that hyper would otherwise
 //! normalise or answer itself, so the service can refuse them with its own response.
+//!
+//! It also notes when a head has started to arrive but not finished, which is what the
+//! listener's header-read timeout (slowloris) measures: hyper's own timer also runs while a
+//! keep-alive connection merely waits for its next request, so it would cap the idle
+//! keep-alive time at `header_read`.
 
 use std::fmt;
 use std::io;
@@ -8,8 +13,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 
 /// Why a request head must be refused rather than forwarded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -79,6 +86,14 @@ struct Shared {
     kind: AtomicU8,
     /// Requests the service has asked about so far.
     served: AtomicU64,
+    /// Origin of `head_started_us`.
+    epoch: Instant,
+    /// Microseconds after `epoch` plus one at which the head being read began to arrive;
+    /// 0 while no head is partly read.
+    head_started_us: AtomicU64,
+    /// Woken when a head starts to arrive, so a timer waiting on idleness can switch to the
+    /// header-read deadline.
+    head_started: Notify,
 }
 
 impl Shared {
@@ -110,6 +125,22 @@ impl HeadVerdicts {
             None
         }
     }
+
+    /// When the HTTP/1 head now being read began to arrive, if one is partly read. Heads
+    /// that arrive whole in one read never show here; neither does anything once the
+    /// connection is no longer followed (HTTP/2, an upgrade, a refused head).
+    pub fn head_pending_since(&self) -> Option<Instant> {
+        match self.shared.head_started_us.load(Ordering::Acquire) {
+            0 => None,
+            us => Some(self.shared.epoch + Duration::from_micros(us - 1)),
+        }
+    }
+
+    /// Resolves after a head starts to arrive (or at once if that happened since the last
+    /// call); check `head_pending_since` afterwards.
+    pub async fn head_started(&self) {
+        self.shared.head_started.notified().await;
+    }
 }
 
 /// Client stream wrapper: reads pass through byte-for-byte while being scanned for request
@@ -125,6 +156,9 @@ impl<T> GuardedIo<T> {
             first_bad: AtomicU64::new(NO_BAD_HEAD),
             kind: AtomicU8::new(0),
             served: AtomicU64::new(0),
+            epoch: Instant::now(),
+            head_started_us: AtomicU64::new(0),
+            head_started: Notify::new(),
         });
         let verdicts = HeadVerdicts {
             shared: Arc::clone(&shared),
@@ -260,6 +294,23 @@ impl Scanner {
     fn stop(&mut self) {
         self.state = State::Passthrough;
         self.head = Vec::new();
+        self.head_done();
+    }
+
+    /// Only the slow path gets here (a head split over reads), so the clock read is rare.
+    fn head_begun(&self) {
+        let us = self
+            .shared
+            .epoch
+            .elapsed()
+            .as_micros()
+            .min(u128::from(u64::MAX - 1)) as u64;
+        self.shared.head_started_us.store(us + 1, Ordering::Release);
+        self.shared.head_started.notify_one();
+    }
+
+    fn head_done(&self) {
+        self.shared.head_started_us.store(0, Ordering::Release);
     }
 
     /// Returns how many bytes of `data` belong to the head (or were skipped before it).
@@ -292,6 +343,7 @@ impl Scanner {
             self.too_large();
             return data.len();
         }
+        self.head_begun();
         self.append_head(window);
         skipped + window.len()
     }
@@ -338,6 +390,7 @@ impl Scanner {
     }
 
     fn finish_head(&mut self, head: &[u8]) {
+        self.head_done();
         let ordinal = self.ordinal;
         self.ordinal += 1;
         match judge_head(head) {

@@ -9,3 +9,4 @@ pub mod proxy;
 pub mod rescue;
 pub mod route;
 pub mod split;
+pub mod tls;

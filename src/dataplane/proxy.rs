@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full};
+use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -24,9 +24,14 @@ use super::head_guard::HeadVerdicts;
 use super::rescue::ProxyError;
 use super::split::{RequestFacts, Side};
 use crate::config::{Endpoint, Limits, Timeouts};
-use crate::snapshot::SnapshotHandle;
+use crate::health::Outcome;
+use crate::snapshot::{RoutingSnapshot, SnapshotHandle};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Towards a backend: the client's body streamed (cut at `limits.max_body_bytes`), or a
+/// kept copy for a replay.
+pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -46,13 +51,15 @@ static HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 /// Everything a connection needs to proxy requests; shared by all connections.
+#[derive(Clone)]
 pub struct Proxy {
     snapshots: SnapshotHandle,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, UpstreamBody>,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     scheme: HeaderValue,
     /// Fixed at start like the listener's buffers it must agree with.
     max_header_bytes: usize,
+    max_body_bytes: usize,
 }
 
 impl Proxy {
@@ -72,6 +79,16 @@ impl Proxy {
             client,
             scheme: HeaderValue::from_static("http"),
             max_header_bytes: limits.max_header_bytes,
+            max_body_bytes: usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
+        }
+    }
+
+    /// The same proxy for the HTTPS listener: one snapshot handle and one upstream pool
+    /// (clones share it), `X-Forwarded-Proto: https`.
+    pub fn for_https(&self) -> Proxy {
+        Proxy {
+            scheme: HeaderValue::from_static("https"),
+            ..self.clone()
         }
     }
 
@@ -105,6 +122,17 @@ impl Proxy {
             return error.into_response(None).map(Either::Right);
         }
 
+        // A body announced too large is refused before anything is forwarded; one that
+        // grows too large mid-stream is cut by `Limited` below.
+        if content_length(req.headers()).is_some_and(|n| n > self.max_body_bytes as u64) {
+            let error = ProxyError::BadRequest {
+                code: "body_too_large",
+                message: "the request body is larger than limits.max_body_bytes",
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+            };
+            return error.into_response(None).map(Either::Right);
+        }
+
         let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(id) if !id.is_empty() => id.clone(),
             _ => new_request_id(),
@@ -122,50 +150,211 @@ impl Proxy {
             };
             Decision::make(&snapshot, &facts)
         };
-        let backend = snapshot.backend(decision.backend);
-        let endpoint = backend.pick();
-        let stats = match decision.route {
-            Some(i) => snapshot.stats[i].side(decision.side),
-            None => snapshot.default_stats.side(Side::Legacy),
-        };
-
         let upgrade = wants_upgrade(req.headers());
         let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
-        let upstream_req =
-            match self.upstream_request(req, endpoint, client_ip, &request_id, upgrade) {
-                Ok(r) => r,
+        // Failover needs a second chance at the request: only for the target, only for the
+        // configured methods, never for an upgrade (the client's stream is not replayable).
+        let failover = decision
+            .route
+            .and_then(|i| snapshot.policies[i].failover.as_ref())
+            .filter(|f| {
+                decision.side == Side::Target
+                    && upgrade.is_none()
+                    && f.methods.contains(req.method())
+            });
+        let (mut parts, body) = req.into_parts();
+        if let Err(e) = self.prepare_head(&mut parts, client_ip, &request_id, upgrade) {
+            return self.answer_error(e, &snapshot, &decision, decision.side, started, &request_id);
+        }
+        let (body, replay) = match failover {
+            None => (Either::Left(Limited::new(body, self.max_body_bytes)), None),
+            Some(f) => match keep_for_replay(
+                &parts.headers,
+                body,
+                f.max_replay_bytes,
+                self.max_body_bytes,
+                snapshot.timeouts.request,
+            )
+            .await
+            {
+                Ok(kept) => kept,
                 Err(e) => {
-                    let response = e.into_response(Some(&request_id));
-                    stats.record(response.status().as_u16(), started.elapsed());
-                    return response.map(Either::Right);
+                    return self.answer_error(
+                        e,
+                        &snapshot,
+                        &decision,
+                        decision.side,
+                        started,
+                        &request_id,
+                    );
                 }
-            };
+            },
+        };
+        let replay_parts = replay.as_ref().map(|_| clone_head(&parts));
 
-        let outcome =
-            tokio::time::timeout(snapshot.timeouts.request, self.client.request(upstream_req))
-                .await;
-        let mut response = match outcome {
-            Ok(Ok(response)) => response,
-            Ok(Err(e)) => {
-                let error = classify(e, &backend.name, endpoint);
-                tracing::warn!(request_id = request_id.to_str().unwrap_or(""), backend = %backend.name, %endpoint, error = %error, "upstream request failed");
-                let response = error.into_response(Some(&request_id));
-                stats.record(response.status().as_u16(), started.elapsed());
-                return response.map(Either::Right);
-            }
-            Err(_) => {
-                let error = ProxyError::Timeout {
-                    backend: backend.name.to_string(),
-                    endpoint: endpoint.to_string(),
-                    timeout_ms: snapshot.timeouts.request.as_millis(),
-                };
-                tracing::warn!(request_id = request_id.to_str().unwrap_or(""), backend = %backend.name, %endpoint, "upstream request timed out");
-                let response = error.into_response(Some(&request_id));
-                stats.record(response.status().as_u16(), started.elapsed());
-                return response.map(Either::Right);
+        let first = self.attempt(&snapshot, decision.backend, parts, body).await;
+        let failed_on_target = match &first {
+            Err(_) => true,
+            Ok(r) => failover.is_some_and(|f| f.on_5xx) && r.status().is_server_error(),
+        };
+        let (replay_parts, replay) = match (replay_parts, replay) {
+            (Some(p), Some(b)) if failed_on_target => (p, b),
+            _ => {
+                return self.finish(
+                    first,
+                    &snapshot,
+                    &decision,
+                    decision.side,
+                    started,
+                    &request_id,
+                    client_upgrade,
+                );
             }
         };
 
+        // The target failed before the client saw a byte: record it, then try legacy if the
+        // route's retry budget allows, so a sick target cannot double the monolith's load.
+        let i = decision.route.expect("failover is only set for a route");
+        let health = &snapshot.health[i];
+        let budget = failover.map_or(0.0, |f| f.budget);
+        let window = snapshot.policies[i]
+            .rollback
+            .as_ref()
+            .map_or(DEFAULT_BUDGET_WINDOW, |r| r.window);
+        let now = Instant::now();
+        // Replays are counted on the target's window; each also added a legacy attempt, so
+        // the route's client requests are the attempts minus the replays.
+        let (legacy_attempts, _) = health.legacy.requests_and_replays(now, window);
+        let (target_attempts, replays) = health.target.requests_and_replays(now, window);
+        let client_requests = (legacy_attempts + target_attempts).saturating_sub(replays) + 1;
+        let within_budget = (replays as f64) < budget * client_requests as f64;
+        if !within_budget {
+            snapshot.stats[i].budget_exhausted.inc();
+            return self.finish(
+                first,
+                &snapshot,
+                &decision,
+                Side::Target,
+                started,
+                &request_id,
+                None,
+            );
+        }
+        self.record(
+            &snapshot,
+            &decision,
+            Side::Target,
+            outcome_of(&first),
+            started,
+        );
+        health.target.record_replay(now);
+        snapshot.stats[i].failovers.inc();
+        if let Err(e) = &first {
+            tracing::info!(request_id = request_id.to_str().unwrap_or(""), error = %e, "replaying a failed target request on legacy");
+        }
+        let legacy = snapshot
+            .route(crate::dataplane::route::RouteId(i as u32))
+            .legacy;
+        let second = self
+            .attempt(
+                &snapshot,
+                legacy,
+                replay_parts,
+                Either::Right(Full::new(replay)),
+            )
+            .await;
+        self.finish(
+            second,
+            &snapshot,
+            &decision,
+            Side::Legacy,
+            started,
+            &request_id,
+            None,
+        )
+    }
+
+    /// One try at a backend: pick an endpoint, send, wait for the response head.
+    async fn attempt(
+        &self,
+        snapshot: &RoutingSnapshot,
+        backend: crate::dataplane::route::BackendId,
+        mut parts: http::request::Parts,
+        body: UpstreamBody,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let backend = snapshot.backend(backend);
+        let endpoint = backend.pick();
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::builder()
+            .scheme(endpoint.scheme.clone())
+            .authority(endpoint.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .map_err(|_| ProxyError::BadRequest {
+                code: "bad_request_target",
+                message: "the request target cannot be forwarded",
+                status: StatusCode::BAD_REQUEST,
+            })?;
+        let request = Request::from_parts(parts, body);
+        match tokio::time::timeout(snapshot.timeouts.request, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(e)) => Err(classify(e, &backend.name, endpoint)),
+            Err(_) => Err(ProxyError::Timeout {
+                backend: backend.name.to_string(),
+                endpoint: endpoint.to_string(),
+                timeout_ms: snapshot.timeouts.request.as_millis(),
+            }),
+        }
+    }
+
+    fn record(
+        &self,
+        snapshot: &RoutingSnapshot,
+        decision: &Decision,
+        side: Side,
+        outcome: Outcome,
+        started: Instant,
+    ) {
+        let elapsed = started.elapsed();
+        let code = match outcome {
+            Outcome::Status(code) => code,
+            Outcome::Timeout => 504,
+            Outcome::ConnectError | Outcome::Failed => 502,
+        };
+        match decision.route {
+            Some(i) => {
+                snapshot.stats[i].side(side).record(code, elapsed);
+                snapshot.health[i]
+                    .side(side)
+                    .record(outcome, started, elapsed);
+            }
+            None => snapshot
+                .default_stats
+                .side(Side::Legacy)
+                .record(code, elapsed),
+        }
+    }
+
+    /// Records the final attempt and turns it into the client's response.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        result: Result<Response<Incoming>, ProxyError>,
+        snapshot: &RoutingSnapshot,
+        decision: &Decision,
+        side: Side,
+        started: Instant,
+        request_id: &HeaderValue,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ProxyBody> {
+        let mut response = match result {
+            Ok(response) => response,
+            Err(e) => return self.answer_error(e, snapshot, decision, side, started, request_id),
+        };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
@@ -174,22 +363,60 @@ impl Proxy {
         } else {
             strip_hop_by_hop(response.headers_mut());
         }
-        if let Some(cookie) = decision.set_cookie {
-            response.headers_mut().append(header::SET_COOKIE, cookie);
+        if let Some(cookie) = &decision.set_cookie {
+            response
+                .headers_mut()
+                .append(header::SET_COOKIE, cookie.clone());
         }
-        stats.record(response.status().as_u16(), started.elapsed());
+        self.record(
+            snapshot,
+            decision,
+            side,
+            Outcome::Status(response.status().as_u16()),
+            started,
+        );
         response.map(Either::Left)
     }
 
-    fn upstream_request(
+    fn answer_error(
         &self,
-        req: Request<Incoming>,
-        endpoint: &Endpoint,
+        error: ProxyError,
+        snapshot: &RoutingSnapshot,
+        decision: &Decision,
+        side: Side,
+        started: Instant,
+        request_id: &HeaderValue,
+    ) -> Response<ProxyBody> {
+        if !matches!(error, ProxyError::BadRequest { .. }) {
+            tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %error, "upstream request failed");
+        }
+        let outcome = outcome_of_error(&error);
+        let response = error.into_response(Some(request_id));
+        match outcome {
+            // The client's own fault says nothing about the backend's health.
+            None => match decision.route {
+                Some(i) => snapshot.stats[i]
+                    .side(side)
+                    .record(response.status().as_u16(), started.elapsed()),
+                None => snapshot
+                    .default_stats
+                    .side(Side::Legacy)
+                    .record(response.status().as_u16(), started.elapsed()),
+            },
+            Some(outcome) => self.record(snapshot, decision, side, outcome, started),
+        }
+        response.map(Either::Right)
+    }
+
+    /// Turns the client's head into the upstream one: forwarding headers, hop-by-hop
+    /// headers gone, HTTP/1.1 towards the backend.
+    fn prepare_head(
+        &self,
+        parts: &mut http::request::Parts,
         client_ip: IpAddr,
         request_id: &HeaderValue,
         upgrade: Option<HeaderValue>,
-    ) -> Result<Request<Incoming>, ProxyError> {
-        let (mut parts, body) = req.into_parts();
+    ) -> Result<(), ProxyError> {
         // An HTTP/2 request carries its host in the URI; HTTP/1.1 upstreams need it as Host.
         if !parts.headers.contains_key(header::HOST)
             && let Some(authority) = parts.uri.authority()
@@ -211,24 +438,88 @@ impl Proxy {
         parts
             .headers
             .insert(X_REQUEST_ID.clone(), request_id.clone());
-
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        parts.uri = Uri::builder()
-            .scheme(endpoint.scheme.clone())
-            .authority(endpoint.authority.clone())
-            .path_and_query(path_and_query)
-            .build()
-            .map_err(|_| ProxyError::BadRequest {
-                code: "bad_request_target",
-                message: "the request target cannot be forwarded",
-                status: StatusCode::BAD_REQUEST,
-            })?;
         parts.version = Version::HTTP_11;
-        Ok(Request::from_parts(parts, body))
+        Ok(())
+    }
+}
+
+/// Failover budgets are counted over the rollback window, or this when a route has none.
+const DEFAULT_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// What a failover may replay: the head without extensions (those belong to the client's
+/// connection) and the body that was kept.
+fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
+    let mut builder = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.clone())
+        .version(parts.version);
+    if let Some(headers) = builder.headers_mut() {
+        *headers = parts.headers.clone();
+    }
+    builder
+        .body(())
+        .map(|r| r.into_parts().0)
+        .unwrap_or_else(|_| {
+            let (mut fresh, ()) = Request::new(()).into_parts();
+            fresh.method = parts.method.clone();
+            fresh.uri = parts.uri.clone();
+            fresh.headers = parts.headers.clone();
+            fresh
+        })
+}
+
+/// Reads a small body into memory so it can be sent twice. A body that is larger than
+/// `max` (or of unknown length) streams as usual and is simply not replayable.
+async fn keep_for_replay(
+    headers: &HeaderMap,
+    body: Incoming,
+    max: u64,
+    max_body: usize,
+    timeout: Duration,
+) -> Result<(UpstreamBody, Option<Bytes>), ProxyError> {
+    use http_body::Body as _;
+    if body.is_end_stream() {
+        return Ok((Either::Right(Full::new(Bytes::new())), Some(Bytes::new())));
+    }
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match length {
+        Some(n) if n <= max => {
+            let collected = tokio::time::timeout(timeout, http_body_util::BodyExt::collect(body))
+                .await
+                .map_err(|_| ProxyError::BadRequest {
+                    code: "body_timeout",
+                    message: "the request body did not arrive within timeouts.request",
+                    status: StatusCode::REQUEST_TIMEOUT,
+                })?
+                .map_err(|_| ProxyError::BadRequest {
+                    code: "body_read_failed",
+                    message: "the request body could not be read",
+                    status: StatusCode::BAD_REQUEST,
+                })?;
+            let bytes = collected.to_bytes();
+            Ok((Either::Right(Full::new(bytes.clone())), Some(bytes)))
+        }
+        _ => Ok((Either::Left(Limited::new(body, max_body)), None)),
+    }
+}
+
+fn outcome_of(result: &Result<Response<Incoming>, ProxyError>) -> Outcome {
+    match result {
+        Ok(r) => Outcome::Status(r.status().as_u16()),
+        Err(e) => outcome_of_error(e).unwrap_or(Outcome::Failed),
+    }
+}
+
+/// How an error counts against a backend's health; `None` for the client's own faults.
+fn outcome_of_error(error: &ProxyError) -> Option<Outcome> {
+    match error {
+        ProxyError::Connect { .. } => Some(Outcome::ConnectError),
+        ProxyError::Timeout { .. } => Some(Outcome::Timeout),
+        ProxyError::Upstream { .. } => Some(Outcome::Failed),
+        ProxyError::BadRequest { .. } => None,
     }
 }
 
@@ -318,6 +609,17 @@ fn append_forwarded_for(headers: &mut HeaderMap, client_ip: IpAddr) {
     }
 }
 
+/// The declared body length; `None` when absent or unparsable (hyper refuses the latter).
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The size HTTP/2 accounts for a header list (RFC 9113 §6.5.2): name, value and 32 bytes
 /// of overhead per field.
 fn header_list_size(headers: &HeaderMap) -> usize {
@@ -332,6 +634,19 @@ fn classify(
     backend: &str,
     endpoint: &Endpoint,
 ) -> ProxyError {
+    // The client's body outgrew the limit mid-stream: the upstream request was aborted,
+    // and it is the client's fault, not the backend's.
+    let mut source = std::error::Error::source(&error);
+    while let Some(s) = source {
+        if s.is::<LengthLimitError>() {
+            return ProxyError::BadRequest {
+                code: "body_too_large",
+                message: "the request body is larger than limits.max_body_bytes",
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+            };
+        }
+        source = s.source();
+    }
     let detail = {
         let mut text = error.to_string();
         let mut source = std::error::Error::source(&error);

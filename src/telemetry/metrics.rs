@@ -63,6 +63,12 @@ pub struct RouteLabels {
     pub route: Arc<str>,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RollbackLabels {
+    pub route: Arc<str>,
+    pub reason: &'static str,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReloadResult {
     Success,
@@ -158,6 +164,10 @@ pub struct Metrics {
     pub duration: Family<RouteSideLabels, LatencyHistogram>,
     pub route_weight: Family<RouteLabels, Gauge<f64, AtomicU64>>,
     pub config_reloads: Family<ReloadLabels, Counter>,
+    pub tls_reloads: Family<ReloadLabels, Counter>,
+    pub rollbacks: Family<RollbackLabels, Counter>,
+    pub failovers: Family<RouteLabels, Counter>,
+    pub failover_budget_exhausted: Family<RouteLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -173,6 +183,25 @@ impl Metrics {
         let duration = Family::<RouteSideLabels, LatencyHistogram>::default();
         let route_weight = Family::<RouteLabels, Gauge<f64, AtomicU64>>::default();
         let config_reloads = Family::<ReloadLabels, Counter>::default();
+        let tls_reloads = Family::<ReloadLabels, Counter>::default();
+        let rollbacks = Family::<RollbackLabels, Counter>::default();
+        let failovers = Family::<RouteLabels, Counter>::default();
+        let failover_budget_exhausted = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "rollbacks",
+            "Routes rolled back to legacy, by reason (error_rate, latency, target_down, manual)",
+            rollbacks.clone(),
+        );
+        registry.register(
+            "failovers",
+            "Requests that failed on target and were replayed on legacy",
+            failovers.clone(),
+        );
+        registry.register(
+            "failover_budget_exhausted",
+            "Failed target requests not replayed because the route's retry budget was spent",
+            failover_budget_exhausted.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by route, side and status code",
@@ -193,9 +222,15 @@ impl Metrics {
             "Configuration reloads, by result",
             config_reloads.clone(),
         );
+        registry.register(
+            "tls_reloads",
+            "Certificate reloads of the HTTPS listener, by result",
+            tls_reloads.clone(),
+        );
         for result in [ReloadResult::Success, ReloadResult::Failure] {
             // Present from the start, so an alert on failures has a series to watch.
             let _ = config_reloads.get_or_create(&ReloadLabels { result });
+            let _ = tls_reloads.get_or_create(&ReloadLabels { result });
         }
         Metrics {
             registry,
@@ -203,6 +238,10 @@ impl Metrics {
             duration,
             route_weight,
             config_reloads,
+            tls_reloads,
+            rollbacks,
+            failovers,
+            failover_budget_exhausted,
         }
     }
 
@@ -219,10 +258,21 @@ impl Metrics {
             .inc();
     }
 
+    pub fn tls_reload(&self, result: ReloadResult) {
+        self.tls_reloads
+            .get_or_create(&ReloadLabels { result })
+            .inc();
+    }
+
     pub fn route_stats(&self, route: &Arc<str>) -> RouteStats {
+        let labels = RouteLabels {
+            route: route.clone(),
+        };
         RouteStats {
             legacy: self.side_stats(route, Side::Legacy),
             target: self.side_stats(route, Side::Target),
+            failovers: self.failovers.get_or_create_owned(&labels),
+            budget_exhausted: self.failover_budget_exhausted.get_or_create_owned(&labels),
         }
     }
 
@@ -251,6 +301,8 @@ const COMMON_CODES: [u16; 24] = [
 pub struct RouteStats {
     pub legacy: SideStats,
     pub target: SideStats,
+    pub failovers: Counter,
+    pub budget_exhausted: Counter,
 }
 
 impl RouteStats {

@@ -191,6 +191,8 @@ pub struct Switchyard {
     child: Child,
     pub http: SocketAddr,
     pub admin: SocketAddr,
+    /// The HTTPS listener, when the config has `listen.https`.
+    pub https: Option<SocketAddr>,
     pub config_path: PathBuf,
     _dir: Option<tempfile::TempDir>,
 }
@@ -272,6 +274,7 @@ impl Switchyard {
         Switchyard {
             http: v["http"].as_str().unwrap().parse().unwrap(),
             admin: v["admin"].as_str().unwrap().parse().unwrap(),
+            https: v["https"].as_str().map(|a| a.parse().unwrap()),
             child,
             config_path: path.to_path_buf(),
             _dir: None,
@@ -416,4 +419,43 @@ routes:\n  - name: users\n    match: {{ path_prefix: /api/users }}\n    legacy: 
         legacy.url(),
         target.url()
     )
+}
+
+/// A JSON request to the admin API with the test token: status and body.
+pub async fn admin_call(
+    proxy: &Switchyard,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (StatusCode, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(proxy.admin_url(path))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-type", "application/json")
+        .body(
+            Full::new(Bytes::from(body.to_string()))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .unwrap();
+    let response = client().request(req).await.expect("admin request");
+    let status = response.status();
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// `PUT` with a JSON body to the admin API: status, headers (empty) and body.
+pub async fn put_json(
+    proxy: &Switchyard,
+    path: &str,
+    body: &str,
+) -> (StatusCode, HeaderMap, String) {
+    let (status, text) = admin_call(proxy, "PUT", path, body).await;
+    (status, HeaderMap::new(), text)
 }
