@@ -576,3 +576,175 @@ async fn errors_under_the_limit_or_below_min_requests_do_not_roll_back() {
     )
     .await;
 }
+
+/// Records every POST body it receives, for webhook tests.
+async fn webhook_receiver() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        seen.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&body).into_owned());
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_is_announced_to_the_routes_webhooks() {
+    let legacy = Backend::start("legacy").await;
+    let target = Controlled::start("target").await;
+    target.fail.store(1, Ordering::Relaxed);
+    let (hook, bodies) = webhook_receiver().await;
+    let proxy = Switchyard::start(&config(
+        &legacy.url(),
+        &target.url(),
+        "",
+        &format!(
+            "    rollback: {{ max_error_rate: 0.05, window: 5s, min_requests: 5 }}\n    rollout:\n      steps: [10, 100]\n      webhooks: [ {{ url: \"http://{hook}/gate\", on: [rollback] }} ]\n"
+        ),
+        100.0,
+    ));
+    let c = client();
+    for _ in 0..10 {
+        request(&c, "GET", &proxy.url("/api/users/1"), &[]).await;
+    }
+    wait_rolled_back(&proxy, Duration::from_secs(3)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the webhook receives the rollback",
+        || async { !bodies.lock().unwrap().is_empty() },
+    )
+    .await;
+    let body: serde_json::Value = serde_json::from_str(&bodies.lock().unwrap()[0]).unwrap();
+    assert_eq!(body["event"], "rollback");
+    assert_eq!(body["route"], "users");
+    assert_eq!(body["reason"], "error_rate");
+    assert!(
+        body["figures"]["target"]["requests"].as_u64().unwrap() >= 5,
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_bodies_are_replayed_intact_and_large_ones_are_not_replayed() {
+    // Legacy records the bodies it receives, so the replayed copy can be checked byte for byte.
+    let (legacy, received) = webhook_receiver().await;
+    let target = Controlled::start("target").await;
+    target.fail.store(1, Ordering::Relaxed);
+    let proxy = Switchyard::start(&config(
+        &format!("http://{legacy}"),
+        &target.url(),
+        "",
+        "    failover: { methods: [PUT], budget: 1.0, on_5xx: true, max_replay_bytes: 1024 }\n",
+        100.0,
+    ));
+    let c = client();
+    let send = |body: Vec<u8>| {
+        let c = c.clone();
+        let url = proxy.url("/api/users/1");
+        async move {
+            let req = http::Request::builder()
+                .method("PUT")
+                .uri(url)
+                .body(
+                    Full::new(Bytes::from(body))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
+                .unwrap();
+            let r = c.request(req).await.unwrap();
+            (r.status(), backend_of(r.headers()).map(str::to_string))
+        }
+    };
+    // 1000 bytes: kept, replayed on legacy after the target's 500.
+    let small: Vec<u8> = (0..1000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let (status, backend) = send(small.clone()).await;
+    assert_eq!(
+        (status, backend),
+        (StatusCode::OK, None),
+        "answered by legacy (which sets no x-backend)"
+    );
+    assert_eq!(
+        received.lock().unwrap().as_slice(),
+        [String::from_utf8(small).unwrap()]
+    );
+    // 5000 bytes: over max_replay_bytes, streamed once; the target's 500 comes through.
+    let (status, backend) = send(vec![b'z'; 5000]).await;
+    assert_eq!(
+        (status, backend.as_deref()),
+        (StatusCode::INTERNAL_SERVER_ERROR, Some("target"))
+    );
+    assert_eq!(
+        received.lock().unwrap().len(),
+        1,
+        "the large body reached legacy"
+    );
+    assert_eq!(
+        proxy
+            .metric("switchyard_failovers_total{route=\"users\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_failing_its_probe_leaves_the_balancer_until_it_recovers() {
+    let a = Controlled::start("a").await;
+    let b = Controlled::start("b").await;
+    let proxy = Switchyard::start(&format!(
+        "backends:\n  monolith: {{ endpoints: [\"{}\", \"{}\"], health: {{ path: /healthz, interval: 100ms, timeout: 200ms, healthy_threshold: 2, unhealthy_threshold: 2 }} }}\ndefault_backend: monolith\n",
+        a.url(),
+        b.url()
+    ));
+    let c = client();
+    let sides = |n: usize| {
+        let c = c.clone();
+        let url = proxy.url("/anything");
+        async move {
+            let mut seen = std::collections::HashMap::<String, usize>::new();
+            for _ in 0..n {
+                let (_, headers, _) = request(&c, "GET", &url, &[]).await;
+                *seen
+                    .entry(backend_of(&headers).unwrap_or("?").to_string())
+                    .or_default() += 1;
+            }
+            seen
+        }
+    };
+    let both = sides(20).await;
+    assert_eq!(
+        (both.get("a"), both.get("b")),
+        (Some(&10), Some(&10)),
+        "{both:?}"
+    );
+    a.fail.store(1, Ordering::Relaxed);
+    eventually(Duration::from_secs(5), "a leaves the balancer", || async {
+        sides(10).await.get("a").is_none()
+    })
+    .await;
+    a.fail.store(0, Ordering::Relaxed);
+    eventually(Duration::from_secs(5), "a comes back", || async {
+        sides(10).await.get("a").is_some()
+    })
+    .await;
+}

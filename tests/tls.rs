@@ -120,7 +120,10 @@ backends:\n  legacy: {{ endpoints: [\"{}\"] }}\ndefault_backend: legacy\n",
     install(dir.path(), "api", &api);
     install(dir.path(), "wild", &ca.issue(&["*.apps.example.com"]));
     let proxy = Switchyard::start_file(&path);
-    assert!(proxy.https.is_some(), "the listening line names the https address");
+    assert!(
+        proxy.https.is_some(),
+        "the listening line names the https address"
+    );
     Fixture {
         ca,
         proxy,
@@ -177,11 +180,10 @@ async fn each_sni_name_gets_its_own_certificate() {
     assert_eq!(no_sni, f.default.der);
     assert_eq!(dns_names(&no_sni), ["default.test"]);
     let tcp = TcpStream::connect(f.https()).await.unwrap();
-    let unknown = f
-        .ca
-        .client(&[])
-        .connect(ServerName::try_from("unknown.example.org").unwrap(), tcp)
-        .await;
+    let unknown =
+        f.ca.client(&[])
+            .connect(ServerName::try_from("unknown.example.org").unwrap(), tcp)
+            .await;
     assert!(
         unknown.is_err(),
         "an unknown name gets the default certificate, which the client rejects for that name"
@@ -260,13 +262,19 @@ async fn a_certificate_replaced_on_disk_reaches_new_connections_without_a_restar
 
     let renewed = f.ca.issue(&["api.example.com", "api2.example.com"]);
     install(f.dir.path(), "api", &renewed);
-    eventually(WAIT, "new connections to get the renewed certificate", || async {
-        f.served("api.example.com").await == renewed.der
-    })
+    eventually(
+        WAIT,
+        "new connections to get the renewed certificate",
+        || async { f.served("api.example.com").await == renewed.der },
+    )
     .await;
     // Its new name is routed to it by SNI too.
     assert_eq!(f.served("api2.example.com").await, renewed.der);
-    assert_eq!(f.served("127.0.0.1").await, f.default.der, "others untouched");
+    assert_eq!(
+        f.served("127.0.0.1").await,
+        f.default.der,
+        "others untouched"
+    );
     assert!(f.proxy.metric(TLS_SUCCESS).await.unwrap() >= 1.0);
 
     let response = sender
@@ -331,7 +339,10 @@ async fn a_stalled_handshake_is_cut_after_header_read() {
         elapsed >= Duration::from_millis(500),
         "closed after {elapsed:?}, before header_read"
     );
-    assert!(elapsed < Duration::from_secs(5), "closed only after {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(5),
+        "closed only after {elapsed:?}"
+    );
     // The accept loop was never blocked by it.
     assert_eq!(f.served("api.example.com").await, f.api.der);
 }

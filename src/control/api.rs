@@ -15,7 +15,6 @@ use serde_json::{Value, json};
 
 use super::auth::Tokens;
 use super::plane::{Change, ControlError, ControlPlane};
-use crate::dataplane::split::Side;
 
 const OPENAPI: &str = include_str!("openapi.json");
 
@@ -191,20 +190,9 @@ async fn switch(
     body: Result<axum::Json<SwitchBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let axum::Json(body) = body?;
-    let active = match body.active.as_str() {
-        "legacy" => Side::Legacy,
-        "target" => Side::Target,
-        other => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "invalid",
-                format!("`{other}` is not a side; use `legacy` or `target`"),
-            ));
-        }
-    };
     let change = Change::Switch {
         route: name,
-        active,
+        active: body.active,
     };
     Ok(with_etag(
         s.control.change(&actor, change, if_match(&headers)).await?,

@@ -40,11 +40,26 @@ pub enum ControlError {
 /// An operator's change, before it is checked.
 #[derive(Debug, Clone)]
 pub enum Change {
-    SetWeight { route: String, percent: f64 },
-    Switch { route: String, active: Side },
-    Rollback { route: String, reason: String },
-    Reset { route: String },
-    SetFlag { flag: String, percent: f64 },
+    SetWeight {
+        route: String,
+        percent: f64,
+    },
+    /// `active` as the client wrote it, so a wrong side is refused (and audited) here.
+    Switch {
+        route: String,
+        active: String,
+    },
+    Rollback {
+        route: String,
+        reason: String,
+    },
+    Reset {
+        route: String,
+    },
+    SetFlag {
+        flag: String,
+        percent: f64,
+    },
 }
 
 impl Change {
@@ -75,6 +90,8 @@ pub const HEALTH_ACTOR: &str = "health";
 struct Desired {
     config: Config,
     overrides: Overrides,
+    /// Routes rolled back by health whose rollback is not in the store yet.
+    unrecorded_rollbacks: std::collections::BTreeSet<String>,
 }
 
 pub struct ControlPlane {
@@ -94,6 +111,7 @@ impl ControlPlane {
             desired: Mutex::new(Desired {
                 config,
                 overrides: Overrides::default(),
+                unrecorded_rollbacks: Default::default(),
             }),
             store: Mutex::new(None),
             store_ok: AtomicBool::new(false),
@@ -108,10 +126,9 @@ impl ControlPlane {
     /// serving and `run_store_sync` keeps trying.
     pub async fn connect_store(&self) -> Result<(), StoreError> {
         let store = StateStore::connect(&self.store_url).await?;
-        let overrides = store.load().await?;
+        self.adopt_from(&store).await?;
         *self.store.lock().await = Some(store);
         self.store_ok.store(true, Ordering::Relaxed);
-        self.adopt(overrides).await;
         Ok(())
     }
 
@@ -128,13 +145,30 @@ impl ControlPlane {
     }
 
     /// Overrides read from the store (at start, or another replica's change).
-    async fn adopt(&self, overrides: Overrides) {
+    /// Reads the store's overrides and applies them. The read happens under the state lock:
+    /// a change of this process commits under the same lock, so a read can never return a
+    /// state older than one this process already published.
+    async fn adopt_from(&self, store: &StateStore) -> Result<(), StoreError> {
         let mut desired = self.desired.lock().await;
+        let mut overrides = store.load().await?;
+        // A health rollback is in force before it is recorded; until it is, the store does
+        // not know it, and must not undo it.
+        for route in &desired.unrecorded_rollbacks {
+            if let Some(mark) = desired
+                .overrides
+                .routes
+                .get(route)
+                .and_then(|o| o.rollback.clone())
+            {
+                overrides.routes.entry(route.clone()).or_default().rollback = Some(mark);
+            }
+        }
         if desired.overrides != overrides {
             desired.overrides = overrides;
             let version = self.publish(&desired);
             tracing::info!(version, "runtime state from the store applied");
         }
+        Ok(())
     }
 
     async fn current_store(&self) -> Option<StateStore> {
@@ -175,11 +209,8 @@ impl ControlPlane {
                         tracing::info!("state store reachable again");
                     }
                     if last_version != Some(version) {
-                        match store.load().await {
-                            Ok(overrides) => {
-                                self.adopt(overrides).await;
-                                last_version = Some(version);
-                            }
+                        match self.adopt_from(&store).await {
+                            Ok(()) => last_version = Some(version),
                             Err(e) => tracing::warn!(error = %e, "cannot read runtime state"),
                         }
                     }
@@ -206,7 +237,7 @@ impl ControlPlane {
 
     /// A health rollback. Unlike an operator's change it is published first and persisted
     /// after: sending users back to the monolith must not wait for, or depend on, the store.
-    pub async fn auto_rollback(&self, route: &str, breach: Breach) {
+    pub async fn auto_rollback(self: &Arc<Self>, route: &str, breach: Breach) {
         let mut desired = self.desired.lock().await;
         if desired
             .overrides
@@ -231,6 +262,7 @@ impl ControlPlane {
             reason: reason.clone(),
         });
         let value = o.clone();
+        desired.unrecorded_rollbacks.insert(route.to_string());
         let version = self.publish(&desired);
         tracing::error!(version, route, reason = %reason, figures = %breach.figures, "route rolled back to legacy");
         self.announce_rollback(
@@ -260,6 +292,8 @@ impl ControlPlane {
         };
         // Persisting is retried in the background; the rollback is already in force.
         let store = self.current_store().await;
+        let this = self.clone();
+        let route_name = route.to_string();
         tokio::spawn(async move {
             let Some(store) = store else {
                 tracing::warn!(
@@ -271,7 +305,14 @@ impl ControlPlane {
                 tokio::time::sleep(Duration::from_secs(delay)).await;
                 entry.at = now_rfc3339();
                 match store.commit(&write, &entry).await {
-                    Ok(_) => return,
+                    Ok(_) => {
+                        this.desired
+                            .lock()
+                            .await
+                            .unrecorded_rollbacks
+                            .remove(&route_name);
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot record the rollback yet; retrying")
                     }
@@ -378,6 +419,7 @@ impl ControlPlane {
         let next = Desired {
             config: desired.config.clone(),
             overrides,
+            unrecorded_rollbacks: desired.unrecorded_rollbacks.clone(),
         };
         let after = self.view_of(&next, &change)?;
         let entry = audit_entry(
@@ -576,8 +618,17 @@ fn plan(
                     r.split.kind()
                 )));
             }
+            let active = match active.as_str() {
+                "legacy" => Side::Legacy,
+                "target" => Side::Target,
+                other => {
+                    return Err(ControlError::Invalid(format!(
+                        "`{other}` is not a side; use `legacy` or `target`"
+                    )));
+                }
+            };
             let o = overrides.routes.entry(route.clone()).or_default();
-            o.active = Some(*active);
+            o.active = Some(active);
             o.rollback = None;
             StateWrite::Route {
                 name: route.clone(),

@@ -328,9 +328,13 @@ impl Proxy {
         match decision.route {
             Some(i) => {
                 snapshot.stats[i].side(side).record(code, elapsed);
-                snapshot.health[i]
-                    .side(side)
-                    .record(outcome, started, elapsed);
+                // Windows have readers only where a route sets rollback limits or failover.
+                let policy = &snapshot.policies[i];
+                if policy.rollback.is_some() || policy.failover.is_some() {
+                    snapshot.health[i]
+                        .side(side)
+                        .record(outcome, started, elapsed);
+                }
             }
             None => snapshot
                 .default_stats
