@@ -739,12 +739,12 @@ async fn an_endpoint_failing_its_probe_leaves_the_balancer_until_it_recovers() {
     );
     a.fail.store(1, Ordering::Relaxed);
     eventually(Duration::from_secs(5), "a leaves the balancer", || async {
-        sides(10).await.get("a").is_none()
+        !sides(10).await.contains_key("a")
     })
     .await;
     a.fail.store(0, Ordering::Relaxed);
     eventually(Duration::from_secs(5), "a comes back", || async {
-        sides(10).await.get("a").is_some()
+        sides(10).await.contains_key("a")
     })
     .await;
 }
