@@ -163,9 +163,7 @@ impl Proxy {
                     && f.methods.contains(req.method())
             });
         let (mut parts, body) = req.into_parts();
-        if let Err(e) = self.prepare_head(&mut parts, client_ip, &request_id, upgrade) {
-            return self.answer_error(e, &snapshot, &decision, decision.side, started, &request_id);
-        }
+        self.prepare_head(&mut parts, client_ip, &request_id, upgrade);
         let (body, replay) = match failover {
             None => (Either::Left(Limited::new(body, self.max_body_bytes)), None),
             Some(f) => match keep_for_replay(
@@ -420,7 +418,7 @@ impl Proxy {
         client_ip: IpAddr,
         request_id: &HeaderValue,
         upgrade: Option<HeaderValue>,
-    ) -> Result<(), ProxyError> {
+    ) {
         // An HTTP/2 request carries its host in the URI; HTTP/1.1 upstreams need it as Host.
         if !parts.headers.contains_key(header::HOST)
             && let Some(authority) = parts.uri.authority()
@@ -443,7 +441,6 @@ impl Proxy {
             .headers
             .insert(X_REQUEST_ID.clone(), request_id.clone());
         parts.version = Version::HTTP_11;
-        Ok(())
     }
 }
 
@@ -453,23 +450,12 @@ const DEFAULT_BUDGET_WINDOW: Duration = Duration::from_secs(10);
 /// What a failover may replay: the head without extensions (those belong to the client's
 /// connection) and the body that was kept.
 fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
-    let mut builder = Request::builder()
-        .method(parts.method.clone())
-        .uri(parts.uri.clone())
-        .version(parts.version);
-    if let Some(headers) = builder.headers_mut() {
-        *headers = parts.headers.clone();
-    }
-    builder
-        .body(())
-        .map(|r| r.into_parts().0)
-        .unwrap_or_else(|_| {
-            let (mut fresh, ()) = Request::new(()).into_parts();
-            fresh.method = parts.method.clone();
-            fresh.uri = parts.uri.clone();
-            fresh.headers = parts.headers.clone();
-            fresh
-        })
+    let (mut head, ()) = Request::new(()).into_parts();
+    head.method = parts.method.clone();
+    head.uri = parts.uri.clone();
+    head.version = parts.version;
+    head.headers = parts.headers.clone();
+    head
 }
 
 /// Reads a small body into memory so it can be sent twice. A body that is larger than
