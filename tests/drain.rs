@@ -19,10 +19,11 @@ use support::*;
 use tokio::net::TcpStream;
 
 const WAIT: Duration = Duration::from_secs(10);
-const DRAIN_DELAY: Duration = Duration::from_secs(1);
+const DRAIN_DELAY: Duration = Duration::from_secs(2);
 const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
+#[allow(dead_code)] // the texts are read through Debug, in failure messages
 enum Kind {
     /// 200 with its whole body; whether the response said `Connection: close`.
     Ok { close: bool },
@@ -231,7 +232,20 @@ backends:\n  legacy: {{ endpoints: [\"{}\"] }}\ndefault_backend: legacy\n",
     let exit = tokio::task::block_in_place(|| proxy.wait_exit(left));
     assert_eq!(exit.code(), Some(0), "{exit:?}");
 
+    let ok = count_ok(&log);
     let outcomes = log.0.lock().unwrap();
+    eprintln!(
+        "{} outcomes: {ok} ok, {} with Connection: close, {} not accepted",
+        outcomes.len(),
+        outcomes
+            .iter()
+            .filter(|o| matches!(o.kind, Kind::Ok { close: true }))
+            .count(),
+        outcomes
+            .iter()
+            .filter(|o| matches!(o.kind, Kind::NotAccepted(_)))
+            .count(),
+    );
     let failed: Vec<_> = outcomes
         .iter()
         .filter(|o| matches!(o.kind, Kind::Failed(_)))
@@ -248,11 +262,10 @@ backends:\n  legacy: {{ endpoints: [\"{}\"] }}\ndefault_backend: legacy\n",
         early.is_empty(),
         "requests refused before drain_delay was over: {early:?}"
     );
-    let ok = count_ok(&log) + 1;
     assert_eq!(
         legacy.requests() as usize,
-        ok,
-        "every request that reached the backend was answered to its client"
+        ok + 1,
+        "every request that reached the backend (the load's and the probe's) was answered to its client"
     );
     let served_while_draining = outcomes
         .iter()

@@ -93,6 +93,13 @@ fn install(dir: &Path, name: &str, issued: &Issued) {
     }
 }
 
+/// Replaces one file atomically.
+fn replace(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
 /// A proxy with an HTTPS listener: `default.crt` (SANs `default.test` and 127.0.0.1) is the
 /// default, `api.crt` (`api.example.com`) and `wild.crt` (`*.apps.example.com`) are chosen by
 /// SNI. Also returns the temporary directory holding config and certificates.
@@ -294,24 +301,29 @@ async fn a_broken_replacement_is_counted_and_the_old_certificate_keeps_serving()
     let f = fixture("").await;
     assert_eq!(f.proxy.metric(TLS_FAILURE).await, Some(0.0));
 
-    // A truncated certificate, as a failed copy leaves it.
-    let half = &f.api.cert_pem[..f.api.cert_pem.len() / 2];
-    std::fs::write(f.dir.path().join("api.crt"), half).unwrap();
-    eventually(WAIT, "the broken certificate to be counted", || async {
+    // Each step below changes one file atomically, so each is exactly one reload.
+    // A key that belongs to another certificate.
+    let other = f.ca.issue(&["api.example.com"]);
+    replace(f.dir.path(), "api.key", &other.key_pem);
+    eventually(WAIT, "the mismatched key to be counted", || async {
         f.proxy.metric(TLS_FAILURE).await == Some(1.0)
     })
     .await;
     assert_eq!(f.served("api.example.com").await, f.api.der);
 
-    // A key that belongs to another certificate is refused as well.
-    let other = f.ca.issue(&["api.example.com"]);
-    std::fs::write(f.dir.path().join("api.crt"), &f.api.cert_pem).unwrap();
-    std::fs::write(f.dir.path().join("api.key"), &other.key_pem).unwrap();
-    eventually(WAIT, "the mismatched key to be counted", || async {
+    // A truncated certificate, as a failed copy leaves it.
+    let half = &other.cert_pem[..other.cert_pem.len() / 2];
+    replace(f.dir.path(), "api.crt", half);
+    eventually(WAIT, "the broken certificate to be counted", || async {
         f.proxy.metric(TLS_FAILURE).await == Some(2.0)
     })
     .await;
     assert_eq!(f.served("api.example.com").await, f.api.der);
+    assert_eq!(
+        f.served("127.0.0.1").await,
+        f.default.der,
+        "others untouched"
+    );
     assert_eq!(f.proxy.metric(TLS_SUCCESS).await, Some(0.0));
 
     // Fixing the files is picked up.

@@ -422,16 +422,25 @@ fn https(c: &mut Checker<'_>, raw: &RawHttps, http: SocketAddr) -> Option<HttpsL
             .map(|(i, p)| (format!("listen.https.certificates[{i}]"), &p.cert, &p.key)),
     );
     let mut certificates = Vec::new();
-    let mut ok = true;
-    for (path, cert, key) in pairs {
+    for (i, (path, cert, key)) in pairs.enumerate() {
         let files = CertificateFiles {
             cert: dir.join(cert),
             key: dir.join(key),
         };
-        if let Err(e) = crate::dataplane::tls::load_certificate(&files) {
-            let at = if e.is_about_key() { "key" } else { "cert" };
-            c.error(&format!("{path}.{at}"), e.to_string());
-            ok = false;
+        match crate::dataplane::tls::load_certificate(&files) {
+            // Only SNI can select an extra certificate, and SNI carries DNS names.
+            Ok(loaded) if i > 0 && loaded.names.is_empty() => c.error(
+                &format!("{path}.cert"),
+                format!(
+                    "{} has no DNS name in its subjectAltName, so no client can select it by SNI",
+                    files.cert.display()
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                let at = if e.is_about_key() { "key" } else { "cert" };
+                c.error(&format!("{path}.{at}"), e.to_string());
+            }
         }
         certificates.push(files);
     }
@@ -439,7 +448,6 @@ fn https(c: &mut Checker<'_>, raw: &RawHttps, http: SocketAddr) -> Option<HttpsL
         addr: addr?,
         certificates,
     })
-    .filter(|_| ok)
 }
 
 fn undefined_backend(name: &str, ids: &HashMap<&str, BackendId>) -> String {
