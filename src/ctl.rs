@@ -522,6 +522,23 @@ pub fn render_route(route: &Value, etag: Option<&str>) -> String {
         kv.push(("rollback.reason".into(), text(rb.get("reason"))));
     }
     kv.push(("sticky".into(), text(route.get("sticky"))));
+    if let Some(health) = route.get("health").filter(|v| v.is_object()) {
+        for side in ["legacy", "target"] {
+            let f = &health[side];
+            let p99 = f["p99_ms"]
+                .as_f64()
+                .map_or("-".to_string(), |ms| format!("{ms:.1} ms"));
+            kv.push((
+                format!("health.{side}"),
+                format!(
+                    "{} requests, {:.1}% errors, p99 {p99} (last {}s)",
+                    f["requests"].as_u64().unwrap_or(0),
+                    f["error_rate"].as_f64().unwrap_or(0.0) * 100.0,
+                    health["window_s"].as_u64().unwrap_or(0)
+                ),
+            ));
+        }
+    }
     kv.push(("etag".into(), etag_of(route, etag)));
     key_values(&kv)
 }

@@ -190,3 +190,24 @@ async fn errors_exit_1_with_the_apis_message() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unreachable"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn route_shows_live_health_figures_when_the_route_has_limits() {
+    let legacy = Backend::start("legacy").await;
+    let target = Backend::start("target").await;
+    let proxy = Switchyard::start(&format!(
+        "{}    rollback: {{ max_error_rate: 0.5, window: 10s, min_requests: 20 }}\n",
+        two_sided_config(&legacy, &target, "{ percentage: { weight: 100 } }", None)
+    ));
+    for _ in 0..7 {
+        get(&proxy.url("/api/users/1"), &[]).await;
+    }
+    let ctl = Ctl {
+        admin: format!("http://{}", proxy.admin),
+    };
+    let shown = ctl.ok(&["route", "users"]);
+    assert!(
+        shown.contains("health.target") && shown.contains("7 requests, 0.0% errors"),
+        "{shown}"
+    );
+}
