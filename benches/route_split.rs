@@ -41,6 +41,7 @@ fn bench(c: &mut Criterion) {
         &config,
         &metrics,
         &switchyard::health::HealthRegistry::default(),
+        &switchyard::dataplane::upstream::UpstreamClients::new(&config.timeouts),
     );
     let mut headers = HeaderMap::new();
     headers.insert("host", HeaderValue::from_static("www.example.com"));

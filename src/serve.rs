@@ -119,11 +119,7 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         .start(rest_shutdown.clone());
     let prober =
         crate::health::probe::ActiveProber::new(publisher.handle()).start(rest_shutdown.clone());
-    let proxy = Arc::new(Proxy::new(
-        publisher.handle(),
-        &config.timeouts,
-        &config.limits,
-    ));
+    let proxy = Arc::new(Proxy::new(publisher.handle(), &config.limits));
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,
         keepalive_timeout: config.timeouts.keepalive,

@@ -13,6 +13,7 @@ use arc_swap::{ArcSwap, Guard};
 use crate::config::{Config, Endpoint, HealthProbe, RoutePolicy, Timeouts};
 use crate::dataplane::route::{BackendId, Route, RouteId, RouteTable};
 use crate::dataplane::split::{Flag, RequestFacts};
+use crate::dataplane::upstream::{UpstreamClient, UpstreamClients};
 use crate::health::{EndpointHealth, HealthRegistry, RouteHealth};
 use crate::telemetry::Metrics;
 use crate::telemetry::metrics::{RouteLabels, RouteStats};
@@ -27,6 +28,9 @@ pub struct Backend {
     /// Same order as `endpoints`; shared with the prober through the registry.
     pub endpoint_health: Vec<Arc<EndpointHealth>>,
     pub probe: Option<HealthProbe>,
+    /// The pooled client for this backend's protocol and TLS settings, shared with every
+    /// backend (and later snapshot) that has the same settings.
+    pub client: Arc<UpstreamClient>,
     next: AtomicUsize,
 }
 
@@ -76,6 +80,7 @@ impl RoutingSnapshot {
         config: &Config,
         metrics: &Metrics,
         health: &HealthRegistry,
+        upstreams: &UpstreamClients,
     ) -> RoutingSnapshot {
         let backends = config
             .backends
@@ -89,6 +94,7 @@ impl RoutingSnapshot {
                     .collect(),
                 endpoints: b.endpoints.clone(),
                 probe: b.health.clone(),
+                client: upstreams.client_for(b),
                 next: AtomicUsize::new(0),
             })
             .collect();
@@ -141,6 +147,7 @@ pub struct Publisher {
     current: Arc<ArcSwap<RoutingSnapshot>>,
     metrics: Arc<Metrics>,
     health: Arc<HealthRegistry>,
+    upstreams: UpstreamClients,
     version: AtomicU64,
     /// Serialises publishers so versions and gauges move in the order snapshots do.
     publishing: std::sync::Mutex<()>,
@@ -148,12 +155,14 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(config: &Config, metrics: Arc<Metrics>, health: Arc<HealthRegistry>) -> Publisher {
-        let first = RoutingSnapshot::build(1, config, &metrics, &health);
+        let upstreams = UpstreamClients::new(&config.timeouts);
+        let first = RoutingSnapshot::build(1, config, &metrics, &health, &upstreams);
         update_weight_gauges(&metrics, None, &first);
         Publisher {
             current: Arc::new(ArcSwap::from_pointee(first)),
             metrics,
             health,
+            upstreams,
             version: AtomicU64::new(1),
             publishing: std::sync::Mutex::new(()),
         }
@@ -180,7 +189,13 @@ impl Publisher {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let version = self.version.fetch_add(1, Ordering::Relaxed) + 1;
-        let next = RoutingSnapshot::build(version, config, &self.metrics, &self.health);
+        let next = RoutingSnapshot::build(
+            version,
+            config,
+            &self.metrics,
+            &self.health,
+            &self.upstreams,
+        );
         let previous = self.current.swap(Arc::new(next));
         update_weight_gauges(&self.metrics, Some(&previous), &self.current.load());
         version

@@ -142,7 +142,8 @@ async fn backend_sees_forwarding_headers_and_no_hop_by_hop_ones() {
             ("x-request-id", "req-abc-123"),
             ("connection", "keep-alive, x-hop"),
             ("keep-alive", "timeout=5"),
-            ("te", "trailers"),
+            // `te: trailers` alone is forwarded (gRPC needs it; tests/upstream.rs).
+            ("te", "gzip"),
             ("proxy-authorization", "Basic c2VjcmV0"),
             ("x-hop", "only for the next hop"),
             ("x-ordinary", "kept"),

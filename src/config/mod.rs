@@ -186,6 +186,29 @@ pub struct BackendSpec {
     pub name: String,
     pub endpoints: Vec<Endpoint>,
     pub health: Option<HealthProbe>,
+    pub protocol: UpstreamProtocol,
+    /// Applies to the `https://` endpoints; the default verifies against the system roots.
+    pub tls: UpstreamTls,
+}
+
+/// What a backend speaks: HTTP/1.1, or HTTP/2 only (ALPN `h2` over TLS, prior knowledge
+/// over `http://`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2,
+}
+
+/// `backends.NAME.tls`; paths are resolved against the config file's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct UpstreamTls {
+    /// PEM certificates that replace the system roots for this backend.
+    pub ca: Option<PathBuf>,
+    /// Sent as SNI and verified against the certificate instead of the endpoint's host.
+    pub server_name: Option<String>,
+    /// Presented when the backend asks for a client certificate.
+    pub client_cert: Option<CertificateFiles>,
 }
 
 /// An upstream address: scheme and authority, already parsed.

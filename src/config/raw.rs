@@ -109,6 +109,26 @@ pub struct RawBackend {
     pub endpoints: Vec<String>,
     #[serde(default)]
     pub health: Option<RawHealth>,
+    /// `http1` (default) or `h2`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    #[serde(default)]
+    pub tls: Option<RawUpstreamTls>,
+}
+
+/// How `https://` endpoints are verified and what switchyard presents to them. There is
+/// deliberately no way to turn verification off.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    #[serde(default)]
+    pub ca: Option<String>,
+    #[serde(default)]
+    pub server_name: Option<String>,
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    #[serde(default)]
+    pub client_key: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

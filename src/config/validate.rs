@@ -497,7 +497,7 @@ fn backends<'r>(
                 "a backend needs at least one endpoint",
             );
         }
-        let endpoints = rb
+        let endpoints: Vec<Endpoint> = rb
             .endpoints
             .iter()
             .enumerate()
@@ -537,14 +537,100 @@ fn backends<'r>(
                 unhealthy_threshold: threshold(c, "unhealthy_threshold", h.unhealthy_threshold, 3),
             }
         });
+        let protocol = match rb.protocol.as_deref() {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("h2") => UpstreamProtocol::H2,
+            Some(other) => {
+                c.error(
+                    &format!("{path}.protocol"),
+                    format!("`{other}` is not an upstream protocol; use `http1` or `h2`"),
+                );
+                UpstreamProtocol::Http1
+            }
+        };
+        let tls = match &rb.tls {
+            Some(raw) => {
+                if !endpoints.is_empty()
+                    && !endpoints
+                        .iter()
+                        .any(|e| e.scheme == http::uri::Scheme::HTTPS)
+                {
+                    c.error(
+                        &format!("{path}.tls"),
+                        "`tls` applies to `https://` endpoints, and this backend has none",
+                    );
+                }
+                upstream_tls(c, &format!("{path}.tls"), raw)
+            }
+            None => UpstreamTls::default(),
+        };
         ids.insert(name.as_str(), BackendId(specs.len() as u32));
         specs.push(BackendSpec {
             name: name.clone(),
             endpoints,
             health,
+            protocol,
+            tls,
         });
     }
     (specs, ids)
+}
+
+/// `backends.NAME.tls`: every file is read and parsed now, so `check` reports a missing
+/// CA, a bad PEM or a client key that is not its certificate's at the right line.
+fn upstream_tls(c: &mut Checker<'_>, path: &str, raw: &RawUpstreamTls) -> UpstreamTls {
+    let dir = c.file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let ca = raw.ca.as_ref().map(|f| dir.join(f));
+    if let Some(file) = &ca
+        && let Err(e) = crate::dataplane::upstream::load_roots(file)
+    {
+        c.error(&format!("{path}.ca"), e.to_string());
+    }
+    if let Some(name) = &raw.server_name
+        && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
+    {
+        c.error(
+            &format!("{path}.server_name"),
+            format!("`{name}` is not a DNS name or IP address"),
+        );
+    }
+    let client_cert = match (&raw.client_cert, &raw.client_key) {
+        (Some(cert), Some(key)) => {
+            let files = CertificateFiles {
+                cert: dir.join(cert),
+                key: dir.join(key),
+            };
+            if let Err(e) = crate::dataplane::tls::load_certificate(&files) {
+                let at = if e.is_about_key() {
+                    "client_key"
+                } else {
+                    "client_cert"
+                };
+                c.error(&format!("{path}.{at}"), e.to_string());
+            }
+            Some(files)
+        }
+        (Some(_), None) => {
+            c.error(
+                &format!("{path}.client_cert"),
+                "`client_cert` needs `client_key` (its private key) too",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            c.error(
+                &format!("{path}.client_key"),
+                "`client_key` needs `client_cert` (its certificate) too",
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    UpstreamTls {
+        ca,
+        server_name: raw.server_name.clone(),
+        client_cert,
+    }
 }
 
 fn endpoint(c: &mut Checker<'_>, path: &str, text: &str) -> Option<Endpoint> {
@@ -565,10 +651,10 @@ fn endpoint(c: &mut Checker<'_>, path: &str, text: &str) -> Option<Endpoint> {
         );
         return None;
     };
-    if scheme != &http::uri::Scheme::HTTP {
+    if scheme != &http::uri::Scheme::HTTP && scheme != &http::uri::Scheme::HTTPS {
         c.error(
             path,
-            format!("`{text}`: only `http://` endpoints are supported in this version"),
+            format!("`{text}`: an endpoint is `http://` or `https://`"),
         );
         return None;
     }

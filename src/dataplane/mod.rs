@@ -10,3 +10,4 @@ pub mod rescue;
 pub mod route;
 pub mod split;
 pub mod tls;
+pub mod upstream;

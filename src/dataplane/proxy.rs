@@ -14,16 +14,14 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{Either, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rand::RngExt;
 
 use super::decision::Decision;
 use super::head_guard::HeadVerdicts;
 use super::rescue::ProxyError;
 use super::split::{RequestFacts, Side};
-use crate::config::{Endpoint, Limits, Timeouts};
+use crate::config::{Endpoint, Limits, UpstreamProtocol};
 use crate::health::Outcome;
 use crate::snapshot::{RoutingSnapshot, SnapshotHandle};
 
@@ -50,11 +48,11 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TRANSFER_ENCODING,
 ];
 
-/// Everything a connection needs to proxy requests; shared by all connections.
+/// Everything a connection needs to proxy requests; shared by all connections. The pooled
+/// upstream clients live in the snapshot's backends (see `upstream`).
 #[derive(Clone)]
 pub struct Proxy {
     snapshots: SnapshotHandle,
-    client: Client<HttpConnector, UpstreamBody>,
     /// `http` or `https`, for `X-Forwarded-Proto`.
     scheme: HeaderValue,
     /// Fixed at start like the listener's buffers it must agree with.
@@ -63,28 +61,17 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// The upstream pool is built once and outlives snapshots, so a reload keeps every
-    /// warm upstream connection.
-    pub fn new(snapshots: SnapshotHandle, timeouts: &Timeouts, limits: &Limits) -> Proxy {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(timeouts.connect));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(timeouts.idle)
-            .build(connector);
+    pub fn new(snapshots: SnapshotHandle, limits: &Limits) -> Proxy {
         Proxy {
             snapshots,
-            client,
             scheme: HeaderValue::from_static("http"),
             max_header_bytes: limits.max_header_bytes,
             max_body_bytes: usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
         }
     }
 
-    /// The same proxy for the HTTPS listener: one snapshot handle and one upstream pool
-    /// (clones share it), `X-Forwarded-Proto: https`.
+    /// The same proxy for the HTTPS listener: one snapshot handle (and so the same upstream
+    /// pools), `X-Forwarded-Proto: https`.
     pub fn for_https(&self) -> Proxy {
         Proxy {
             scheme: HeaderValue::from_static("https"),
@@ -297,8 +284,12 @@ impl Proxy {
                 message: "the request target cannot be forwarded",
                 status: StatusCode::BAD_REQUEST,
             })?;
+        if backend.client.protocol == UpstreamProtocol::H2 {
+            parts.version = Version::HTTP_2;
+        }
         let request = Request::from_parts(parts, body);
-        match tokio::time::timeout(snapshot.timeouts.request, self.client.request(request)).await {
+        let sent = backend.client.client.request(request);
+        match tokio::time::timeout(snapshot.timeouts.request, sent).await {
             Ok(Ok(response)) => Ok(response),
             Ok(Err(e)) => Err(classify(e, &backend.name, endpoint)),
             Err(_) => Err(ProxyError::Timeout {
@@ -411,7 +402,8 @@ impl Proxy {
     }
 
     /// Turns the client's head into the upstream one: forwarding headers, hop-by-hop
-    /// headers gone, HTTP/1.1 towards the backend.
+    /// headers gone except `TE: trailers` (end to end in meaning, and required by gRPC),
+    /// HTTP/1.1 towards the backend (`attempt` makes it HTTP/2 for an h2 backend).
     fn prepare_head(
         &self,
         parts: &mut http::request::Parts,
@@ -426,7 +418,13 @@ impl Proxy {
         {
             parts.headers.insert(header::HOST, value);
         }
+        let trailers = accepts_trailers(&parts.headers);
         strip_hop_by_hop(&mut parts.headers);
+        if trailers {
+            parts
+                .headers
+                .insert(header::TE, HeaderValue::from_static("trailers"));
+        }
         if let Some(protocol) = upgrade {
             parts
                 .headers
@@ -559,6 +557,20 @@ fn wants_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     } else {
         None
     }
+}
+
+/// Whether the client's `TE` lists `trailers`; its other codings are for one hop only.
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|c| c.trim().eq_ignore_ascii_case("trailers"))
+        })
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -696,6 +708,17 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn only_trailers_survives_from_te() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TE, HeaderValue::from_static("gzip;q=0.5, Trailers"));
+        assert!(accepts_trailers(&headers));
+        headers.insert(header::TE, HeaderValue::from_static("gzip, deflate"));
+        assert!(!accepts_trailers(&headers));
+        headers.remove(header::TE);
+        assert!(!accepts_trailers(&headers));
     }
 
     #[test]

@@ -81,7 +81,7 @@ impl TlsError {
 
 /// The one crypto provider: ring, chosen explicitly so no other provider is ever linked in
 /// or picked up as a process default.
-static PROVIDER: LazyLock<Arc<CryptoProvider>> =
+pub(crate) static PROVIDER: LazyLock<Arc<CryptoProvider>> =
     LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
 
 /// A certificate chain with its signing key, and the DNS names SNI can choose it by.

@@ -7,12 +7,13 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::Empty;
+use http_body_util::{Either, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::task::JoinSet;
 
+use crate::config::UpstreamProtocol;
 use crate::lifecycle::Shutdown;
 use crate::snapshot::SnapshotHandle;
 
@@ -87,11 +88,28 @@ impl ActiveProber {
                 state.next_due = Some(now + probe.interval);
                 let uri = format!("{endpoint}{}", probe.path);
                 let client = self.client.clone();
+                // TLS and HTTP/2 endpoints are probed through the backend's own client: the
+                // probe's plain HTTP/1.1 pool can speak to neither.
+                let upstream = (endpoint.scheme == http::uri::Scheme::HTTPS
+                    || backend.client.protocol == UpstreamProtocol::H2)
+                    .then(|| backend.client.clone());
                 let timeout = probe.timeout;
                 running.spawn(async move {
                     let (ok, detail) = match uri.parse::<http::Uri>() {
                         Err(e) => (false, e.to_string()),
-                        Ok(uri) => match tokio::time::timeout(timeout, client.get(uri)).await {
+                        Ok(uri) => match tokio::time::timeout(timeout, async {
+                            match upstream {
+                                Some(upstream) => {
+                                    let mut request =
+                                        http::Request::new(Either::Right(Full::default()));
+                                    *request.uri_mut() = uri;
+                                    upstream.client.request(request).await
+                                }
+                                None => client.get(uri).await,
+                            }
+                        })
+                        .await
+                        {
                             Ok(Ok(response)) => (
                                 response.status().is_success(),
                                 format!("status {}", response.status()),
