@@ -40,17 +40,64 @@ impl Backend {
     /// (Envoy calls this panic routing). The counter lives in the snapshot, so a reload
     /// restarts the rotation, which is harmless.
     pub fn pick(&self) -> &Endpoint {
-        let n = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n)
-            .map(|k| (start + k) % n)
-            .find(|&i| self.endpoint_health[i].is_up())
-            .map_or(&self.endpoints[start % n], |i| &self.endpoints[i])
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let up = self.endpoint_health.iter().filter(|h| h.is_up()).count();
+        if up == 0 {
+            return &self.endpoints[turn % self.endpoints.len()];
+        }
+        // The turn-th healthy endpoint, so a down endpoint's share is spread evenly instead
+        // of landing on its neighbour.
+        let nth = turn % up;
+        self.endpoint_health
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.is_up())
+            .nth(nth)
+            .map_or(&self.endpoints[0], |(i, _)| &self.endpoints[i])
     }
 
     /// True when the backend is probed and every endpoint fails its probe.
     pub fn all_down(&self) -> bool {
         self.probe.is_some() && self.endpoint_health.iter().all(|h| !h.is_up())
+    }
+}
+
+#[cfg(test)]
+mod backend_tests {
+    use super::*;
+
+    #[test]
+    fn a_down_endpoint_s_share_is_spread_evenly() {
+        let endpoint = |port: u16| Endpoint {
+            scheme: http::uri::Scheme::HTTP,
+            authority: format!("127.0.0.1:{port}").parse().unwrap(),
+        };
+        let health: Vec<Arc<EndpointHealth>> = (0..3)
+            .map(|_| Arc::new(EndpointHealth::default()))
+            .collect();
+        health[0].set_up(false);
+        let backend = Backend {
+            name: "b".into(),
+            endpoints: vec![endpoint(1), endpoint(2), endpoint(3)],
+            endpoint_health: health,
+            probe: None,
+            client: crate::dataplane::upstream::UpstreamClients::new(
+                &crate::config::Timeouts::default(),
+            )
+            .client_for(&crate::config::BackendSpec {
+                name: "b".into(),
+                endpoints: vec![],
+                health: None,
+                protocol: Default::default(),
+                tls: Default::default(),
+            }),
+            next: AtomicUsize::new(0),
+        };
+        let mut counts = [0usize; 4];
+        for _ in 0..300 {
+            counts[usize::from(backend.pick().authority.port_u16().unwrap())] += 1;
+        }
+        assert_eq!(counts, [0, 0, 150, 150]);
     }
 }
 

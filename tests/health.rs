@@ -748,3 +748,46 @@ async fn an_endpoint_failing_its_probe_leaves_the_balancer_until_it_recovers() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_before_an_operator_clears_a_rollback_do_not_roll_it_back_again() {
+    let legacy = Backend::start("legacy").await;
+    let target = Controlled::start("target").await;
+    target.fail.store(1, Ordering::Relaxed);
+    let proxy = Switchyard::start(&config(
+        &legacy.url(),
+        &target.url(),
+        "",
+        "    rollback: { max_error_rate: 0.05, window: 10s, min_requests: 5 }\n",
+        100.0,
+    ));
+    let c = client();
+    for _ in 0..10 {
+        request(&c, "GET", &proxy.url("/api/users/1"), &[]).await;
+    }
+    wait_rolled_back(&proxy, Duration::from_secs(3)).await;
+    // Fixed, and brought back well within the 10 s window that still holds the failures.
+    target.fail.store(0, Ordering::Relaxed);
+    let (status, _, body) =
+        support::put_json(&proxy, "/v1/routes/users/weight", r#"{"weight": 100}"#).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let cleared = Instant::now();
+    eventually(
+        Duration::from_secs(5),
+        "healthy traffic for a second without a new rollback",
+        || async {
+            let (status, headers, _) = request(&c, "GET", &proxy.url("/api/users/1"), &[]).await;
+            assert_eq!(
+                (status.as_u16(), backend_of(&headers)),
+                (200, Some("target"))
+            );
+            assert_eq!(
+                route_view(&proxy).await["state"],
+                "active",
+                "rolled back again on old failures"
+            );
+            cleared.elapsed() > Duration::from_secs(1)
+        },
+    )
+    .await;
+}

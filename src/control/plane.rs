@@ -286,41 +286,42 @@ impl ControlPlane {
             "applied",
             Some(format!("{reason}; figures: {}", breach.figures)),
         );
-        let write = StateWrite::Route {
-            name: route.to_string(),
-            value,
-        };
-        // Persisting is retried in the background; the rollback is already in force.
-        let store = self.current_store().await;
+        let mark = value.rollback;
         let this = self.clone();
         let route_name = route.to_string();
+        // Persisting is retried in the background until it succeeds; the rollback is already
+        // in force. Each try commits under the state lock and only while this rollback is
+        // still the route's state, so an operator's later change is never overwritten.
         tokio::spawn(async move {
-            let Some(store) = store else {
-                tracing::warn!(
-                    "state store not connected: the rollback is in force but not recorded"
-                );
-                return;
-            };
-            for delay in [0u64, 1, 2, 5, 10, 30] {
-                tokio::time::sleep(Duration::from_secs(delay)).await;
+            let mut delay = Duration::ZERO;
+            loop {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+                let mut desired = this.desired.lock().await;
+                let current = desired.overrides.routes.get(&route_name).cloned();
+                if !desired.unrecorded_rollbacks.contains(&route_name)
+                    || current.as_ref().and_then(|o| o.rollback.as_ref()) != mark.as_ref()
+                {
+                    return;
+                }
+                let Some(store) = this.current_store().await else {
+                    continue;
+                };
+                let write = StateWrite::Route {
+                    name: route_name.clone(),
+                    value: current.unwrap_or_default(),
+                };
                 entry.at = now_rfc3339();
                 match store.commit(&write, &entry).await {
                     Ok(_) => {
-                        this.desired
-                            .lock()
-                            .await
-                            .unrecorded_rollbacks
-                            .remove(&route_name);
+                        desired.unrecorded_rollbacks.remove(&route_name);
                         return;
                     }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot record the rollback yet; retrying")
+                        tracing::warn!(error = %e, route = %route_name, "cannot record the rollback yet; retrying")
                     }
                 }
             }
-            tracing::error!(
-                "gave up recording the rollback in the state store; it stays in force in this process"
-            );
         });
     }
 
@@ -406,7 +407,9 @@ impl ControlPlane {
             && want.trim() != "*"
             && want.trim() != etag
         {
-            return Err(ControlError::Stale { current: etag });
+            let e = ControlError::Stale { current: etag };
+            refuse(&store, actor, &change, Some(strip_etag(&before)), &e).await;
+            return Err(e);
         }
         let planned = plan(&desired, &change, actor);
         let (write, overrides) = match planned {
@@ -416,11 +419,16 @@ impl ControlPlane {
                 return Err(e);
             }
         };
-        let next = Desired {
+        let mut next = Desired {
             config: desired.config.clone(),
             overrides,
             unrecorded_rollbacks: desired.unrecorded_rollbacks.clone(),
         };
+        // This write carries the route's whole state, so a pending health rollback is
+        // either recorded by it or superseded by it.
+        if !matches!(change, Change::SetFlag { .. }) {
+            next.unrecorded_rollbacks.remove(change.target());
+        }
         let after = self.view_of(&next, &change)?;
         let entry = audit_entry(
             actor,

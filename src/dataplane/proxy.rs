@@ -179,7 +179,8 @@ impl Proxy {
 
         let first = self.attempt(&snapshot, decision.backend, parts, body).await;
         let failed_on_target = match &first {
-            Err(_) => true,
+            // The client's own faults are not the target's, and replaying them is pointless.
+            Err(e) => outcome_of_error(e).is_some(),
             Ok(r) => failover.is_some_and(|f| f.on_5xx) && r.status().is_server_error(),
         };
         let (replay_parts, replay) = match (replay_parts, replay) {
@@ -240,6 +241,9 @@ impl Proxy {
         let legacy = snapshot
             .route(crate::dataplane::route::RouteId(i as u32))
             .legacy;
+        // Legacy's figures measure legacy: its clock starts at the replay, not at the
+        // client's request, which includes the target's failed attempt.
+        let replay_started = Instant::now();
         let second = self
             .attempt(
                 &snapshot,
@@ -253,7 +257,7 @@ impl Proxy {
             &snapshot,
             &decision,
             Side::Legacy,
-            started,
+            replay_started,
             &request_id,
             None,
         )
@@ -322,7 +326,7 @@ impl Proxy {
                 if policy.rollback.is_some() || policy.failover.is_some() {
                     snapshot.health[i]
                         .side(side)
-                        .record(outcome, started, elapsed);
+                        .record(outcome, started + elapsed, elapsed);
                 }
             }
             None => snapshot

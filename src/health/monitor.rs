@@ -78,14 +78,23 @@ pub fn evaluate(
 pub struct RollbackMonitor {
     snapshots: SnapshotHandle,
     control: Arc<ControlPlane>,
+    /// Routes rolled back at the last evaluation.
+    rolled_back: std::collections::HashSet<String>,
+    /// When a rollback was last cleared, per route: older figures do not count.
+    cleared: std::collections::HashMap<String, Instant>,
 }
 
 impl RollbackMonitor {
     pub fn new(snapshots: SnapshotHandle, control: Arc<ControlPlane>) -> RollbackMonitor {
-        RollbackMonitor { snapshots, control }
+        RollbackMonitor {
+            snapshots,
+            control,
+            rolled_back: Default::default(),
+            cleared: Default::default(),
+        }
     }
 
-    pub fn start(self, mut shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
+    pub fn start(mut self, mut shutdown: Shutdown) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(EVALUATION_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -98,25 +107,36 @@ impl RollbackMonitor {
         })
     }
 
-    async fn evaluate_all(&self) {
+    async fn evaluate_all(&mut self) {
         let breaches: Vec<(String, Breach)> = {
             let snapshot = self.snapshots.load();
             let now = Instant::now();
-            snapshot
-                .routes
-                .iter()
-                .enumerate()
-                .filter(|(_, route)| !route.rolled_back)
-                .filter_map(|(i, route)| {
-                    let spec = snapshot.policies[i].rollback.as_ref()?;
-                    let health = &snapshot.health[i];
-                    let target = health.target.figures(now, spec.window);
-                    let legacy = health.legacy.figures(now, spec.window);
-                    let target_down = snapshot.backend(route.target).all_down();
-                    evaluate(spec, &legacy, &target, target_down)
-                        .map(|b| (route.name.to_string(), b))
-                })
-                .collect()
+            let mut breaches = Vec::new();
+            for (i, route) in snapshot.routes.iter().enumerate() {
+                let name = &*route.name;
+                if route.rolled_back {
+                    self.rolled_back.insert(name.to_string());
+                    continue;
+                }
+                if self.rolled_back.remove(name) {
+                    self.cleared.insert(name.to_string(), now);
+                }
+                let Some(spec) = snapshot.policies[i].rollback.as_ref() else {
+                    continue;
+                };
+                let after = self.cleared.get(name).copied();
+                let health = &snapshot.health[i];
+                let target = health.target.figures_after(now, spec.window, after);
+                let legacy = health.legacy.figures_after(now, spec.window, after);
+                let target_down = snapshot.backend(route.target).all_down();
+                if let Some(b) = evaluate(spec, &legacy, &target, target_down) {
+                    // Known now, not only from the next snapshot: an operator may clear the
+                    // rollback before the next evaluation sees it.
+                    self.rolled_back.insert(name.to_string());
+                    breaches.push((name.to_string(), b));
+                }
+            }
+            breaches
         };
         for (route, breach) in breaches {
             self.control.auto_rollback(&route, breach).await;

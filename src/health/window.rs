@@ -73,8 +73,13 @@ impl Default for Slot {
 
 impl Slot {
     /// Makes this slot the one for `second`, clearing what an older second left.
-    fn claim(&self, second: u64) {
+    /// False when the slot already holds a newer second: the sample is too old for any
+    /// window and must not wipe recent data.
+    fn claim(&self, second: u64) -> bool {
         let seen = self.second.load(Ordering::Acquire);
+        if seen > second {
+            return false;
+        }
         if seen != second
             && self
                 .second
@@ -94,6 +99,7 @@ impl Slot {
                 bucket.store(0, Ordering::Relaxed);
             }
         }
+        true
     }
 }
 
@@ -116,14 +122,17 @@ impl std::fmt::Debug for OutcomeWindow {
 }
 
 impl OutcomeWindow {
-    fn slot(&self, second: u64) -> &Slot {
+    fn slot(&self, second: u64) -> Option<&Slot> {
         let slot = &self.slots[(second % SLOTS as u64) as usize];
-        slot.claim(second);
-        slot
+        slot.claim(second).then_some(slot)
     }
 
+    /// Records an outcome under the second it completed (`at`), so a slow request or a
+    /// timeout counts now, when it tells something about the backend.
     pub fn record(&self, outcome: Outcome, at: Instant, elapsed: Duration) {
-        let slot = self.slot(now_second(at));
+        let Some(slot) = self.slot(now_second(at)) else {
+            return;
+        };
         slot.requests.fetch_add(1, Ordering::Relaxed);
         match outcome {
             Outcome::Status(code) if code >= 500 => {
@@ -146,9 +155,9 @@ impl OutcomeWindow {
     }
 
     pub fn record_replay(&self, at: Instant) {
-        self.slot(now_second(at))
-            .replays
-            .fetch_add(1, Ordering::Relaxed);
+        if let Some(slot) = self.slot(now_second(at)) {
+            slot.replays.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Requests and replays over the window: the cheap sums a failover budget needs.
@@ -171,9 +180,22 @@ impl OutcomeWindow {
 
     /// Sums the last `window` seconds up to and including the current one.
     pub fn figures(&self, now: Instant, window: Duration) -> WindowFigures {
+        self.figures_after(now, window, None)
+    }
+
+    /// Like `figures`, leaving out every second up to and including `after`'s: what
+    /// happened before an operator cleared a rollback must not roll the route back again.
+    pub fn figures_after(
+        &self,
+        now: Instant,
+        window: Duration,
+        after: Option<Instant>,
+    ) -> WindowFigures {
         let current = now_second(now);
         let span = window.as_secs().clamp(1, MAX_WINDOW.as_secs());
-        let oldest = current.saturating_sub(span - 1);
+        let oldest = current
+            .saturating_sub(span - 1)
+            .max(after.map_or(0, |a| now_second(a) + 1));
         let mut f = WindowFigures::default();
         let mut latency = [0u64; LATENCY_BUCKETS];
         for slot in self.slots.iter() {
@@ -307,6 +329,22 @@ mod tests {
             p99 >= Duration::from_millis(900) && p99 < Duration::from_millis(1170),
             "{p99:?}"
         );
+    }
+
+    #[test]
+    fn a_sample_older_than_its_slot_is_dropped_and_wipes_nothing() {
+        let w = OutcomeWindow::default();
+        let start = Instant::now();
+        let now = start + Duration::from_secs(SLOTS as u64 + 3);
+        w.record(Outcome::Status(200), now, Duration::from_millis(1));
+        // Same slot index, a full ring earlier.
+        w.record(
+            Outcome::Timeout,
+            start + Duration::from_secs(3),
+            Duration::from_secs(30),
+        );
+        let f = w.figures(now, Duration::from_secs(10));
+        assert_eq!((f.requests, f.errors()), (1, 0));
     }
 
     #[test]
