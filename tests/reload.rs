@@ -245,27 +245,21 @@ async fn rewriting_the_file_moves_traffic_without_a_failed_request() {
 async fn sighup_applies_a_change_the_watcher_cannot_see() {
     let legacy = Backend::start("legacy").await;
     let target = Backend::start("target").await;
-    // The proxy reads `watched/switchyard.yaml`, a symlink to `elsewhere/real.yaml`. The
-    // watcher observes `watched/`, so writes to the real file reach the proxy only through
-    // SIGHUP.
-    let watched = tempfile::tempdir().unwrap();
-    let elsewhere = tempfile::tempdir().unwrap();
-    let real = elsewhere.path().join("real.yaml");
-    let link = watched.path().join("switchyard.yaml");
-    std::fs::write(
-        &real,
-        with_listeners(&two_sided_config(&legacy, &target, &percentage("0"), None)),
-    )
-    .unwrap();
-    std::os::unix::fs::symlink(&real, &link).unwrap();
-    let proxy = Switchyard::start_file(&link);
+    let config = HupOnlyConfig::new(&with_listeners(&two_sided_config(
+        &legacy,
+        &target,
+        &percentage("0"),
+        None,
+    )));
+    let real = config.real.as_path();
+    let proxy = Switchyard::start_file(&config.link);
     all_answered_by(&proxy, "legacy", 10).await;
     let before = metric(&proxy, SUCCESS).await;
 
     let load = Load::start(proxy.http, "/api/users/1", 4);
     load.progress(200).await;
     std::fs::write(
-        &real,
+        real,
         with_listeners(&two_sided_config(
             &legacy,
             &target,

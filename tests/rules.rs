@@ -265,21 +265,14 @@ async fn blue_green_switches_everyone_when_the_file_changes() {
 async fn blue_green_switches_everyone_on_sighup() {
     let legacy = Backend::start("legacy").await;
     let target = Backend::start("target").await;
-    // The proxy watches the directory of the path it was given. That path is a symlink to a
-    // file in another directory, so writing the real file produces no event the watcher
-    // sees: only SIGHUP can make the proxy read it.
-    let watched = tempfile::tempdir().unwrap();
-    let elsewhere = tempfile::tempdir().unwrap();
-    let real = elsewhere.path().join("real.yaml");
-    let link = watched.path().join("switchyard.yaml");
-    std::fs::write(&real, blue_green_config(&legacy, &target, "legacy")).unwrap();
-    std::os::unix::fs::symlink(&real, &link).unwrap();
-    let proxy = Switchyard::start_file(&link);
+    let config = HupOnlyConfig::new(&blue_green_config(&legacy, &target, "legacy"));
+    let real = config.real.as_path();
+    let proxy = Switchyard::start_file(&config.link);
     blue_green_serves(&proxy, "legacy", "target").await;
 
     for (active, inactive) in [("target", "legacy"), ("legacy", "target")] {
         let before = successful_reloads(&proxy).await;
-        write_then_hup(&proxy, &real, &blue_green_config(&legacy, &target, active));
+        write_then_hup(&proxy, real, &blue_green_config(&legacy, &target, active));
         wait_for_side(
             &proxy,
             "/checkout/cart",

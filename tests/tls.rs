@@ -16,9 +16,8 @@ use bytes::Bytes;
 use http::{Request, StatusCode, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-use rustls::RootCertStore;
 use rustls_pki_types::{CertificateDer, ServerName};
+use support::pki::{Issued, TestCa};
 use support::*;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
@@ -29,48 +28,10 @@ const WAIT: Duration = Duration::from_secs(10);
 const TLS_SUCCESS: &str = "switchyard_tls_reloads_total{result=\"success\"}";
 const TLS_FAILURE: &str = "switchyard_tls_reloads_total{result=\"failure\"}";
 
-/// A throwaway CA the test client trusts, issuing leaf certificates for given names.
-struct TestCa {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-/// A certificate and key in PEM, and the certificate's DER to compare with what a client got.
-struct Issued {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-}
-
+/// The test client trusts the CA's root and offers `alpn`.
 impl TestCa {
-    fn new() -> TestCa {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "switchyard test CA");
-        TestCa {
-            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
-        }
-    }
-
-    /// IP strings become IP SANs, everything else DNS SANs.
-    fn issue(&self, names: &[&str]) -> Issued {
-        let key = KeyPair::generate().unwrap();
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &self.issuer)
-            .unwrap();
-        Issued {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-        }
-    }
-
     fn client(&self, alpn: &[&[u8]]) -> TlsConnector {
-        let mut roots = RootCertStore::empty();
-        roots.add(self.issuer.der().clone()).unwrap();
+        let roots = self.roots();
         let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -121,11 +82,15 @@ admin: {{ listen: \"127.0.0.1:0\" }}\n{extra}\
 backends:\n  legacy: {{ endpoints: [\"{}\"] }}\ndefault_backend: legacy\n",
         backend.url()
     ));
-    let default = ca.issue(&["default.test", "127.0.0.1"]);
-    let api = ca.issue(&["api.example.com"]);
+    let default = ca.issue(&["default.test", "127.0.0.1"], false);
+    let api = ca.issue(&["api.example.com"], false);
     install(dir.path(), "default", &default);
     install(dir.path(), "api", &api);
-    install(dir.path(), "wild", &ca.issue(&["*.apps.example.com"]));
+    install(
+        dir.path(),
+        "wild",
+        &ca.issue(&["*.apps.example.com"], false),
+    );
     let proxy = Switchyard::start_file(&path);
     assert!(
         proxy.https.is_some(),
@@ -267,7 +232,7 @@ async fn a_certificate_replaced_on_disk_reaches_new_connections_without_a_restar
     tokio::spawn(connection);
     assert_eq!(f.served("api.example.com").await, f.api.der);
 
-    let renewed = f.ca.issue(&["api.example.com", "api2.example.com"]);
+    let renewed = f.ca.issue(&["api.example.com", "api2.example.com"], false);
     install(f.dir.path(), "api", &renewed);
     eventually(
         WAIT,
@@ -303,7 +268,7 @@ async fn a_broken_replacement_is_counted_and_the_old_certificate_keeps_serving()
 
     // Each step below changes one file atomically, so each is exactly one reload.
     // A key that belongs to another certificate.
-    let other = f.ca.issue(&["api.example.com"]);
+    let other = f.ca.issue(&["api.example.com"], false);
     replace(f.dir.path(), "api.key", &other.key_pem);
     eventually(WAIT, "the mismatched key to be counted", || async {
         f.proxy.metric(TLS_FAILURE).await == Some(1.0)
@@ -366,7 +331,7 @@ async fn check_points_at_a_broken_certificate() {
         "listen:\n  http: \"127.0.0.1:0\"\n  https:\n    addr: \"127.0.0.1:0\"\n    cert: good.crt\n    key: good.key\n    certificates:\n      - { cert: bad.crt, key: good.key }\n\
 backends:\n  legacy: { endpoints: [\"http://127.0.0.1:9\"] }\ndefault_backend: legacy\n",
     );
-    install(dir.path(), "good", &ca.issue(&["good.test"]));
+    install(dir.path(), "good", &ca.issue(&["good.test"], false));
     std::fs::write(dir.path().join("bad.crt"), "not a certificate").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["check", "--config"])

@@ -2,6 +2,8 @@
 //! and waiting for conditions with a deadline (never for a fixed time).
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -458,4 +460,29 @@ pub async fn put_json(
 ) -> (StatusCode, HeaderMap, String) {
     let (status, text) = admin_call(proxy, "PUT", path, body).await;
     (status, HeaderMap::new(), text)
+}
+
+/// A config the file watcher cannot see change: the proxy is given `link`, a symlink in one
+/// directory to `real` in another, and the watcher observes the link's directory, so writes
+/// to `real` reach the proxy only through SIGHUP.
+pub struct HupOnlyConfig {
+    pub real: PathBuf,
+    pub link: PathBuf,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl HupOnlyConfig {
+    pub fn new(text: &str) -> HupOnlyConfig {
+        let watched = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let real = elsewhere.path().join("real.yaml");
+        let link = watched.path().join("switchyard.yaml");
+        std::fs::write(&real, text).unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        HupOnlyConfig {
+            real,
+            link,
+            _dirs: (watched, elsewhere),
+        }
+    }
 }
