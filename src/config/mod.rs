@@ -291,6 +291,8 @@ pub struct SyncSpec {
     pub columns: Vec<(String, String)>,
     pub bidirectional: bool,
     pub conflict: Conflict,
+    /// Routes whose rollout gates read this pair's lag and consistency.
+    pub routes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -350,6 +350,9 @@ pub struct RawSync {
     pub direction: Option<String>,
     #[serde(default)]
     pub conflict: Option<serde_yaml::Value>,
+    /// Routes whose rollouts this pair gates; default: the route named like the pair.
+    #[serde(default)]
+    pub routes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1076,6 +1076,7 @@ fn sync_and_consistency(
     c: &mut Checker<'_>,
     raw: &RawConfig,
 ) -> (Vec<SyncSpec>, Vec<ConsistencySpec>) {
+    let route_names: Vec<&str> = raw.routes.iter().map(|r| r.name.as_str()).collect();
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut sync = Vec::new();
     for (i, s) in raw.sync.iter().enumerate() {
@@ -1108,6 +1109,24 @@ fn sync_and_consistency(
                     format!("`{other}` is not a direction; use `one_way` or `bidirectional`"),
                 );
                 false
+            }
+        };
+        let routes = match &s.routes {
+            None => route_names
+                .iter()
+                .filter(|r| **r == s.name)
+                .map(|r| r.to_string())
+                .collect(),
+            Some(list) => {
+                for r in list {
+                    if !route_names.contains(&r.as_str()) {
+                        c.error(
+                            &format!("{p}.routes"),
+                            format!("route `{r}` is not defined under `routes`"),
+                        );
+                    }
+                }
+                list.clone()
             }
         };
         let conflict = match &s.conflict {
@@ -1151,6 +1170,7 @@ fn sync_and_consistency(
                 .collect(),
             bidirectional,
             conflict,
+            routes,
         });
     }
     let mut consistency = Vec::new();

@@ -101,6 +101,7 @@ pub struct ControlPlane {
     store: Mutex<Option<StateStore>>,
     store_url: String,
     store_ok: AtomicBool,
+    feeds: crate::telemetry::Feeds,
 }
 
 impl ControlPlane {
@@ -115,7 +116,14 @@ impl ControlPlane {
             }),
             store: Mutex::new(None),
             store_ok: AtomicBool::new(false),
+            feeds: crate::telemetry::Feeds::default(),
         }
+    }
+
+    /// Figures of the sync workers and samplers: written by those jobs, read by gates and
+    /// the admin API.
+    pub fn feeds(&self) -> &crate::telemetry::Feeds {
+        &self.feeds
     }
 
     pub fn store_ok(&self) -> bool {

@@ -1,7 +1,9 @@
 //! Telemetry: the metrics registry and logging setup. Owns metric names and labels; it
 //! decides nothing about traffic.
 
+pub mod feeds;
 pub mod logging;
 pub mod metrics;
 
+pub use feeds::Feeds;
 pub use metrics::Metrics;
