@@ -12,4 +12,5 @@ pub mod health;
 pub mod lifecycle;
 pub mod serve;
 pub mod snapshot;
+pub mod sync;
 pub mod telemetry;

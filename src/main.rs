@@ -42,6 +42,35 @@ enum Command {
     },
     /// Client of the admin API: read and change routes and flags, read the audit log.
     Ctl(switchyard::ctl::CtlArgs),
+    /// Install or remove the change-capture objects the sync worker needs.
+    Sync {
+        #[command(subcommand)]
+        action: SyncAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum SyncAction {
+    /// Create change tables, triggers and bookkeeping tables on both sides (idempotent).
+    Install {
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this pair; default: every pair in the config.
+        #[arg(long)]
+        sync: Option<String>,
+        /// Print the DDL and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Remove the triggers, capture functions and change tables (the conflict log stays).
+    Uninstall {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        sync: Option<String>,
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +79,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Ctl(args) => ctl(args),
+        Command::Sync { action } => match sync(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("switchyard sync: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve {
             config,
             concurrency,
@@ -101,6 +137,39 @@ fn ctl(args: switchyard::ctl::CtlArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn sync(action: SyncAction) -> anyhow::Result<()> {
+    let (config, only, uninstall, dry_run) = match action {
+        SyncAction::Install {
+            config,
+            sync,
+            dry_run,
+        } => (config, sync, false, dry_run),
+        SyncAction::Uninstall {
+            config,
+            sync,
+            dry_run,
+        } => (config, sync, true, dry_run),
+    };
+    let parsed = switchyard::config::load(&config)
+        .with_context(|| format!("reading {}", config.display()))?;
+    anyhow::ensure!(
+        !parsed.sync.is_empty(),
+        "{} has no `sync:` pairs",
+        config.display()
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(switchyard::sync::install_command(
+        &parsed,
+        only.as_deref(),
+        uninstall,
+        dry_run,
+    ))?;
+    Ok(())
 }
 
 fn serve(config: PathBuf, concurrency: Option<usize>) -> anyhow::Result<()> {

@@ -119,6 +119,7 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         .start(rest_shutdown.clone());
     let prober =
         crate::health::probe::ActiveProber::new(publisher.handle()).start(rest_shutdown.clone());
+    let sync_workers = crate::sync::start_all(&config, control.feeds(), &metrics, &rest_shutdown);
     let proxy = Arc::new(Proxy::new(publisher.handle(), &config.limits));
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,
@@ -198,6 +199,9 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     let _ = store_sync.await;
     let _ = monitor.await;
     let _ = prober.await;
+    for w in sync_workers {
+        let _ = w.await;
+    }
     tracing::info!("switchyard stopped");
     Ok(())
 }

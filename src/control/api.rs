@@ -43,8 +43,8 @@ pub fn router(control: Arc<ControlPlane>, tokens: Arc<Tokens>) -> Router {
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/rollouts/{route}", get(not_configured))
         .route("/v1/rollouts/{route}/{action}", post(not_configured))
-        .route("/v1/sync", get(not_configured))
-        .route("/v1/consistency", get(not_configured))
+        .route("/v1/sync", get(sync_status))
+        .route("/v1/consistency", get(consistency_status))
         .fallback(no_such_endpoint)
         .layer(middleware::from_fn_with_state(state.clone(), authenticate))
         .with_state(state)
@@ -294,6 +294,16 @@ async fn audit(
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
     let entries = s.control.audit(limit).await?;
     Ok(axum::Json(json!({ "entries": entries })).into_response())
+}
+
+/// Every sync pair with its figures; `stale` when its worker stopped reporting.
+async fn sync_status(State(s): State<ApiState>) -> Response {
+    axum::Json(json!({ "sync": s.control.feeds().sync_reports() })).into_response()
+}
+
+/// Every sampled pair with its figures; `stale` when its sampler stopped reporting.
+async fn consistency_status(State(s): State<ApiState>) -> Response {
+    axum::Json(json!({ "consistency": s.control.feeds().consistency_reports() })).into_response()
 }
 
 async fn openapi() -> Response {

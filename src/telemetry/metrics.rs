@@ -69,6 +69,17 @@ pub struct RollbackLabels {
     pub reason: &'static str,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SyncLabels {
+    pub sync: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SyncDirectionLabels {
+    pub sync: String,
+    pub direction: &'static str,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ReloadResult {
     Success,
@@ -168,6 +179,9 @@ pub struct Metrics {
     pub rollbacks: Family<RollbackLabels, Counter>,
     pub failovers: Family<RouteLabels, Counter>,
     pub failover_budget_exhausted: Family<RouteLabels, Counter>,
+    pub sync_lag: Family<SyncLabels, Gauge<f64, AtomicU64>>,
+    pub sync_changes: Family<SyncDirectionLabels, Counter>,
+    pub consistency_ratio: Family<SyncLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -187,6 +201,24 @@ impl Metrics {
         let rollbacks = Family::<RollbackLabels, Counter>::default();
         let failovers = Family::<RouteLabels, Counter>::default();
         let failover_budget_exhausted = Family::<RouteLabels, Counter>::default();
+        let sync_lag = Family::<SyncLabels, Gauge<f64, AtomicU64>>::default();
+        let sync_changes = Family::<SyncDirectionLabels, Counter>::default();
+        let consistency_ratio = Family::<SyncLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "sync_lag_seconds",
+            "Time from a change's commit on one side to its commit on the other",
+            sync_lag.clone(),
+        );
+        registry.register(
+            "sync_changes",
+            "Changes applied by the sync worker, by pair and direction",
+            sync_changes.clone(),
+        );
+        registry.register(
+            "consistency_ratio",
+            "Sampled share of rows equal on both sides (lower 95% confidence bound)",
+            consistency_ratio.clone(),
+        );
         registry.register(
             "rollbacks",
             "Routes rolled back to legacy, by reason (error_rate, latency, target_down, manual)",
@@ -242,6 +274,9 @@ impl Metrics {
             rollbacks,
             failovers,
             failover_budget_exhausted,
+            sync_lag,
+            sync_changes,
+            consistency_ratio,
         }
     }
 
