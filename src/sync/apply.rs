@@ -220,9 +220,11 @@ pub async fn read_chunk(
 ) -> Result<Vec<Values>, SyncError> {
     let side = &plan.source;
     let e = side.engine();
+    // Qualified: on Postgres an unqualified ORDER BY name would pick the canonical text
+    // output column of the same name, and text order is not key order.
     let key_cols: Vec<String> = side.cols[..plan.key_len]
         .iter()
-        .map(|c| side.db.q(&c.name))
+        .map(|c| format!("sy_t.{}", side.db.q(&c.name)))
         .collect();
     let lhs = if plan.key_len == 1 {
         key_cols[0].clone()
@@ -244,8 +246,8 @@ pub async fn read_chunk(
         }
     };
     let sql = format!(
-        "SELECT {} FROM {} {filter} ORDER BY {} LIMIT {limit}",
-        plan.select_list(side, Purpose::Copy, ""),
+        "SELECT {} FROM {} sy_t {filter} ORDER BY {} LIMIT {limit}",
+        plan.select_list(side, Purpose::Copy, "sy_t."),
         side.qtable(),
         key_cols.join(", ")
     );

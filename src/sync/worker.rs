@@ -389,6 +389,8 @@ impl SyncWorker {
             .map(|r| (apply::key_of(&r, plan.key_len), Some(r)))
             .collect();
         let copied = copied + n;
+        // Rows deleted or added while copying make the first count approximate.
+        let total = if done { copied } else { total.max(copied) };
         let applied = apply::apply(
             plan,
             Direction::SourceToTarget,

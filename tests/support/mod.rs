@@ -2,6 +2,7 @@
 //! and waiting for conditions with a deadline (never for a fixed time).
 #![allow(dead_code)]
 
+pub mod db;
 pub mod pki;
 
 use std::convert::Infallible;
@@ -247,6 +248,11 @@ impl Switchyard {
     }
 
     pub fn start_with(path: &Path, extra_args: &[&str]) -> Switchyard {
+        Self::start_env(path, extra_args, &[])
+    }
+
+    /// Like `start_with`, with extra environment variables (e.g. SWITCHYARD_FAILPOINT).
+    pub fn start_env(path: &Path, extra_args: &[&str], envs: &[(&str, &str)]) -> Switchyard {
         let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
             .args([
                 "--log-format",
@@ -259,6 +265,7 @@ impl Switchyard {
             .arg(path)
             .args(extra_args)
             .env("SWITCHYARD_ADMIN_TOKEN", TOKEN)
+            .envs(envs.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

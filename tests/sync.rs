@@ -1,0 +1,652 @@
+//! The sync worker end to end: real PostgreSQL, MariaDB and SQLite, a real `switchyard serve`
+//! process, tables compared independently of the worker's own normalisation.
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::db::{Kind, TestDb};
+use support::{Switchyard, admin_call, eventually, write_config};
+
+const TABLE_PG: &str =
+    "CREATE TABLE users (id BIGINT PRIMARY KEY, name VARCHAR(100), score INT, note TEXT)";
+
+fn create_users(kind: Kind) -> &'static str {
+    match kind {
+        Kind::My => {
+            "CREATE TABLE users (id BIGINT PRIMARY KEY, name VARCHAR(100), score INT, note TEXT) ENGINE=InnoDB"
+        }
+        _ => TABLE_PG,
+    }
+}
+
+/// The rows of `users` as text, read with each engine's own casts.
+async fn dump(db: &TestDb) -> Vec<Vec<Option<String>>> {
+    let sql = match db.kind {
+        Kind::Pg => "SELECT id::text, name, score::text, note FROM users ORDER BY users.id",
+        Kind::My => {
+            "SELECT CAST(id AS CHAR), name, CAST(score AS CHAR), note FROM users ORDER BY users.id"
+        }
+        Kind::Lite => {
+            "SELECT CAST(id AS TEXT), name, CAST(score AS TEXT), note FROM users ORDER BY users.id"
+        }
+    };
+    db.rows(sql).await
+}
+
+async fn fill(db: &TestDb, from: i64, to: i64) {
+    let mut i = from;
+    while i <= to {
+        let end = (i + 999).min(to);
+        let values: Vec<String> = (i..=end)
+            .map(|n| format!("({n}, 'user {n}', {}, 'note {n}')", n % 100))
+            .collect();
+        db.exec(&format!(
+            "INSERT INTO users (id, name, score, note) VALUES {}",
+            values.join(", ")
+        ))
+        .await;
+        i = end + 1;
+    }
+}
+
+/// A burst of mixed single-row writes from several concurrent sessions.
+async fn burst(db: &TestDb, base: i64, n: i64) {
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let pool = db.pool.clone();
+        tasks.push(tokio::spawn(async move {
+            for j in 0..n / 4 {
+                let i = base + w * (n / 4) + j;
+                let sql = match j % 5 {
+                    0 | 1 => format!(
+                        "INSERT INTO users (id, name, score, note) VALUES ({i}, 'new ü {i}', 1, '')"
+                    ),
+                    2 => format!(
+                        "UPDATE users SET score = score + 1, note = NULL WHERE id = {}",
+                        i % 3000 + 1
+                    ),
+                    3 => format!("DELETE FROM users WHERE id = {}", (i * 7) % 3000 + 1),
+                    _ => format!(
+                        "UPDATE users SET id = id + 5000000 WHERE id = {}",
+                        (i * 13) % 3000 + 1
+                    ),
+                };
+                sqlx::query(sqlx::AssertSqlSafe(sql))
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+fn pair_yaml(name: &str, src: &TestDb, dst: &TestDb, extra: &str) -> String {
+    format!(
+        "backends:\n  m: {{ endpoints: [\"http://127.0.0.1:9\"] }}\ndefault_backend: m\nsync:\n  - name: {name}\n    source: {{ url: \"{}\", table: users, key: [id] }}\n    target: {{ url: \"{}\", table: users, key: [id] }}\n{extra}",
+        src.url(),
+        dst.url()
+    )
+}
+
+fn sync_cli(path: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("sync")
+        .args(args)
+        .arg("--config")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn install(path: &Path) {
+    let (ok, out, err) = sync_cli(path, &["install"]);
+    assert!(ok, "sync install failed: {out}{err}");
+}
+
+async fn wait_equal(src: &TestDb, dst: &TestDb, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let (a, b) = (dump(src).await, dump(dst).await);
+        if a == b {
+            return;
+        }
+        if std::time::Instant::now() > deadline {
+            if let Some(i) = (0..a.len().min(b.len())).find(|&i| a[i] != b[i]) {
+                eprintln!("first difference at row {i}: {:?} vs {:?}", a[i], b[i]);
+            }
+            let diff: Vec<_> = a.iter().filter(|r| !b.contains(r)).take(5).collect();
+            let extra: Vec<_> = b.iter().filter(|r| !a.contains(r)).take(5).collect();
+            panic!(
+                "tables differ after {timeout:?}: {} vs {} rows; only in source {diff:?}; only in target {extra:?}",
+                a.len(),
+                b.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn sync_status(proxy: &Switchyard) -> serde_json::Value {
+    let (status, body) = admin_call(proxy, "GET", "/v1/sync", "").await;
+    assert!(status.is_success(), "{status} {body}");
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["sync"][0].clone()
+}
+
+async fn backfill_then_burst(src_kind: Kind, dst_kind: Kind) {
+    let src = TestDb::new(src_kind).await;
+    let dst = TestDb::new(dst_kind).await;
+    src.exec(create_users(src_kind)).await;
+    dst.exec(create_users(dst_kind)).await;
+    fill(&src, 1, 3000).await;
+    let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
+    install(&path);
+    let proxy = Switchyard::start_file(&path);
+    burst(&src, 10_000, 2000).await;
+    wait_equal(&src, &dst, Duration::from_secs(30)).await;
+    let s = sync_status(&proxy).await;
+    assert_eq!(s["phase"], "stream", "{s}");
+    assert_eq!(s["backfill_rows_copied"], s["backfill_rows_total"], "{s}");
+    assert!(s["changes_applied"].as_u64().unwrap() > 0, "{s}");
+    let metrics = proxy.metrics().await;
+    assert!(metrics.contains("switchyard_sync_lag_seconds{sync=\"users\"}"));
+    assert!(
+        metrics.contains(
+            "switchyard_sync_changes_total{sync=\"users\",direction=\"source_to_target\"}"
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_to_pg_backfill_and_burst_end_equal() {
+    backfill_then_burst(Kind::Pg, Kind::Pg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_to_pg_backfill_and_burst_end_equal() {
+    backfill_then_burst(Kind::My, Kind::Pg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_to_sqlite_backfill_and_burst_end_equal() {
+    backfill_then_burst(Kind::Lite, Kind::Lite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_during_backfill_are_kept_and_never_overwritten() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(TABLE_PG).await;
+    dst.exec(TABLE_PG).await;
+    fill(&src, 1, 60_000).await;
+    let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
+    install(&path);
+    let proxy = Switchyard::start_file(&path);
+    // Each write raises a row's score above anything the backfill could have read, so an
+    // older backfill copy landing after it would show as a lower score.
+    let mut writes = 0;
+    loop {
+        let s = sync_status(&proxy).await;
+        let done = s["phase"] == "stream";
+        for k in 0..20 {
+            let id = (writes * 2971 + k * 101) % 60_000 + 1;
+            src.exec(&format!(
+                "UPDATE users SET score = 1000 + {writes}, note = 'during backfill' WHERE id = {id}"
+            ))
+            .await;
+        }
+        writes += 1;
+        if done {
+            break;
+        }
+    }
+    assert!(
+        writes > 3,
+        "the backfill finished before the writes started"
+    );
+    wait_equal(&src, &dst, Duration::from_secs(30)).await;
+    let touched = dst
+        .scalar_i64("SELECT COUNT(*) FROM users WHERE note = 'during backfill'")
+        .await;
+    assert!(touched > 0);
+}
+
+/// Changes made while no worker runs, then a worker that aborts at `failpoint`, then a clean
+/// restart: the tables end equal and every captured change was applied exactly once.
+async fn crash_at(failpoint: &str) {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(TABLE_PG).await;
+    dst.exec(TABLE_PG).await;
+    fill(&src, 1, 3000).await;
+    let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
+    install(&path);
+    {
+        let proxy = Switchyard::start_file(&path);
+        wait_equal(&src, &dst, Duration::from_secs(30)).await;
+        let _ = proxy;
+    }
+    // 12,000 single-row updates: 12,000 captured changes, three batches of 5,000.
+    for round in 0..4 {
+        src.exec(&format!(
+            "UPDATE users SET score = score + {round} + 1 WHERE id <= 3000"
+        ))
+        .await;
+    }
+    let captured = src.count("switchyard_chg_users").await;
+    assert_eq!(captured, 12_000);
+    let applied_before = dst
+        .scalar_i64("SELECT applied FROM switchyard_sync_state WHERE name = 'users'")
+        .await;
+    let mut crashing = Switchyard::start_env(&path, &[], &[("SWITCHYARD_FAILPOINT", failpoint)]);
+    let status = crashing.wait_exit(Duration::from_secs(30));
+    assert!(!status.success(), "the failpoint {failpoint} did not fire");
+    let _proxy = Switchyard::start_file(&path);
+    wait_equal(&src, &dst, Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(10), "change table drained", || async {
+        src.count("switchyard_chg_users").await == 0
+    })
+    .await;
+    let applied = dst
+        .scalar_i64("SELECT applied FROM switchyard_sync_state WHERE name = 'users'")
+        .await;
+    assert_eq!(
+        applied - applied_before,
+        captured,
+        "changes applied more or less than once after a crash at {failpoint}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_before_the_target_commit_loses_nothing() {
+    crash_at("before_target_commit:2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_after_the_target_commit_applies_nothing_twice() {
+    crash_at("after_target_commit:2").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_in_the_middle_of_a_backfill_chunk_resumes() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(TABLE_PG).await;
+    dst.exec(TABLE_PG).await;
+    fill(&src, 1, 23_000).await;
+    let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
+    install(&path);
+    // The third apply is the third backfill chunk: rows written, checkpoint not yet.
+    let mut crashing =
+        Switchyard::start_env(&path, &[], &[("SWITCHYARD_FAILPOINT", "mid_apply:3")]);
+    assert!(!crashing.wait_exit(Duration::from_secs(30)).success());
+    let copied = dst
+        .scalar_i64("SELECT backfill_copied FROM switchyard_sync_state WHERE name = 'users'")
+        .await;
+    assert_eq!(copied, 10_000, "two chunks were committed before the crash");
+    assert_eq!(
+        dst.count("users").await,
+        10_000,
+        "the third chunk rolled back"
+    );
+    let proxy = Switchyard::start_file(&path);
+    wait_equal(&src, &dst, Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(10), "backfill complete", || async {
+        let s = sync_status(&proxy).await;
+        s["phase"] == "stream" && s["backfill_rows_copied"] == 23_000
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_commits_late_is_not_skipped() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(TABLE_PG).await;
+    dst.exec(TABLE_PG).await;
+    let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
+    install(&path);
+    let _proxy = Switchyard::start_file(&path);
+    let mut early = src.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO users (id, name, score, note) VALUES (1, 'early', 1, 'x')")
+        .execute(&mut *early)
+        .await
+        .unwrap();
+    // A later change takes a higher sequence number and commits first.
+    src.exec("INSERT INTO users (id, name, score, note) VALUES (2, 'late', 2, 'y')")
+        .await;
+    eventually(
+        Duration::from_secs(10),
+        "the later change applied",
+        || async { dst.count("users").await == 1 },
+    )
+    .await;
+    early.commit().await.unwrap();
+    wait_equal(&src, &dst, Duration::from_secs(10)).await;
+    assert_eq!(dst.count("users").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bidirectional_writes_arrive_once_without_echo() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::My).await;
+    src.exec(TABLE_PG).await;
+    dst.exec(create_users(Kind::My)).await;
+    let (_dir, path) = write_config(&pair_yaml(
+        "users",
+        &src,
+        &dst,
+        "    direction: bidirectional\n    conflict: source_wins\n",
+    ));
+    install(&path);
+    let _proxy = Switchyard::start_file(&path);
+    src.exec("INSERT INTO users (id, name, score, note) VALUES (1, 'from legacy', 1, 'a')")
+        .await;
+    dst.exec("INSERT INTO users (id, name, score, note) VALUES (2, 'from service', 2, 'b')")
+        .await;
+    wait_equal(&src, &dst, Duration::from_secs(10)).await;
+    eventually(
+        Duration::from_secs(10),
+        "both change tables drained",
+        || async {
+            src.count("switchyard_chg_users").await == 0
+                && dst.count("switchyard_chg_users").await == 0
+        },
+    )
+    .await;
+    // Exactly one change each way: an echo would show as a second applied change.
+    let forward = dst
+        .scalar_i64("SELECT applied FROM switchyard_sync_state WHERE name = 'users'")
+        .await;
+    let reverse = src
+        .scalar_i64("SELECT applied FROM switchyard_sync_state WHERE name = 'users:reverse'")
+        .await;
+    assert_eq!((forward, reverse), (1, 1));
+    dst.exec("UPDATE users SET score = 20 WHERE id = 2").await;
+    wait_equal(&src, &dst, Duration::from_secs(10)).await;
+    let reverse = src
+        .scalar_i64("SELECT applied FROM switchyard_sync_state WHERE name = 'users:reverse'")
+        .await;
+    assert_eq!(reverse, 2);
+    let forward = dst
+        .scalar_i64("SELECT applied FROM switchyard_sync_state WHERE name = 'users'")
+        .await;
+    assert_eq!(forward, 1, "the applied update echoed back");
+}
+
+/// Both sides change one key while no worker runs; the rule decides, and the conflict is
+/// logged on the side where it was decided.
+async fn conflict_case(rule: &str, expect_name: &str) {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    let table = "CREATE TABLE users (id BIGINT PRIMARY KEY, name VARCHAR(100), score INT, note TEXT, updated_at TIMESTAMP(6))";
+    src.exec(table).await;
+    dst.exec(table).await;
+    src.exec("INSERT INTO users VALUES (1, 'original', 0, '', '2024-01-01 00:00:00')")
+        .await;
+    let (_dir, path) = write_config(&pair_yaml(
+        "users",
+        &src,
+        &dst,
+        &format!("    direction: bidirectional\n    conflict: {rule}\n"),
+    ));
+    install(&path);
+    {
+        let _proxy = Switchyard::start_file(&path);
+        wait_equal(&src, &dst, Duration::from_secs(10)).await;
+    }
+    src.exec(
+        "UPDATE users SET name = 'legacy edit', updated_at = '2024-01-01 00:00:02' WHERE id = 1",
+    )
+    .await;
+    dst.exec(
+        "UPDATE users SET name = 'service edit', updated_at = '2024-01-01 00:00:05' WHERE id = 1",
+    )
+    .await;
+    let _proxy = Switchyard::start_file(&path);
+    wait_equal(&src, &dst, Duration::from_secs(10)).await;
+    let name = &src.rows("SELECT name FROM users WHERE id = 1").await[0][0];
+    assert_eq!(name.as_deref(), Some(expect_name), "rule {rule}");
+    let logged =
+        dst.count("switchyard_sync_conflicts").await + src.count("switchyard_sync_conflicts").await;
+    assert_eq!(logged, 1, "one conflict logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_resolve_by_source_wins() {
+    conflict_case("source_wins", "legacy edit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_resolve_by_target_wins() {
+    conflict_case("target_wins", "service edit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_resolve_by_last_write_wins() {
+    conflict_case(
+        "{ last_write_wins: { column: updated_at } }",
+        "service edit",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_to_pg_types_arrive_intact() {
+    let src = TestDb::new(Kind::My).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(
+        "CREATE TABLE users (id INT PRIMARY KEY, active TINYINT(1), seen DATETIME(6), \
+         balance DECIMAL(12,3), bio TEXT, nick VARCHAR(20)) ENGINE=InnoDB CHARACTER SET utf8mb4",
+    )
+    .await;
+    dst.exec(
+        "CREATE TABLE users (id INT PRIMARY KEY, active BOOLEAN, seen TIMESTAMP(6), \
+         balance NUMERIC(12,3), bio TEXT, nick VARCHAR(20))",
+    )
+    .await;
+    src.exec(
+        "INSERT INTO users VALUES \
+         (1, 1, '2024-02-29 23:59:59.123456', 12345.678, 'Zoë – naïve café 東京 🚀', ''), \
+         (2, 0, '1999-12-31 00:00:00.000001', -0.001, NULL, NULL), \
+         (3, NULL, NULL, NULL, '', 'x')",
+    )
+    .await;
+    let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
+    install(&path);
+    let _proxy = Switchyard::start_file(&path);
+    src.exec("INSERT INTO users VALUES (4, 1, '2030-01-01 12:00:00.5', 0.5, 'ß', 'emptybio')")
+        .await;
+    src.exec("UPDATE users SET bio = '' WHERE id = 2").await;
+    let expected = vec![
+        vec![
+            Some("1"),
+            Some("true"),
+            Some("2024-02-29 23:59:59.123456"),
+            Some("12345.678"),
+            Some("Zoë – naïve café 東京 🚀"),
+            Some(""),
+        ],
+        vec![
+            Some("2"),
+            Some("false"),
+            Some("1999-12-31 00:00:00.000001"),
+            Some("-0.001"),
+            Some(""),
+            None,
+        ],
+        vec![Some("3"), None, None, None, Some(""), Some("x")],
+        vec![
+            Some("4"),
+            Some("true"),
+            Some("2030-01-01 12:00:00.5"),
+            Some("0.500"),
+            Some("ß"),
+            Some("emptybio"),
+        ],
+    ];
+    let expected: Vec<Vec<Option<String>>> = expected
+        .into_iter()
+        .map(|r| r.into_iter().map(|v| v.map(str::to_string)).collect())
+        .collect();
+    eventually(Duration::from_secs(15), "typed rows in PostgreSQL", || async {
+        let got = dst.rows(
+            "SELECT id::text, active::text, seen::text, balance::text, bio, nick FROM users ORDER BY users.id",
+        )
+        .await;
+        if got != expected {
+            eprintln!("got {got:?}");
+        }
+        dst.rows(
+            "SELECT id::text, active::text, seen::text, balance::text, bio, nick FROM users ORDER BY users.id",
+        )
+        .await
+            == expected
+    })
+    .await;
+    let got = dst
+        .rows("SELECT active::text FROM users WHERE id = 1")
+        .await;
+    assert_eq!(got[0][0].as_deref(), Some("true"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn source_database_down_and_back_loses_nothing() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(TABLE_PG).await;
+    dst.exec(TABLE_PG).await;
+    fill(&src, 1, 1000).await;
+    let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
+    install(&path);
+    let proxy = Switchyard::start_file(&path);
+    burst(&src, 10_000, 400).await;
+    src.pg_stop().await;
+    eventually(
+        Duration::from_secs(15),
+        "the worker reports the outage",
+        || async {
+            let s = sync_status(&proxy).await;
+            !s["last_error"].is_null()
+        },
+    )
+    .await;
+    // The proxy keeps serving meanwhile.
+    let (status, _) = admin_call(&proxy, "GET", "/v1/routes", "").await;
+    assert!(status.is_success());
+    src.pg_start().await;
+    burst(&src, 20_000, 400).await;
+    wait_equal(&src, &dst, Duration::from_secs(30)).await;
+    eventually(Duration::from_secs(15), "the error clears", || async {
+        sync_status(&proxy).await["last_error"].is_null()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_holds_the_lease_and_another_takes_over() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(TABLE_PG).await;
+    dst.exec(TABLE_PG).await;
+    let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
+    install(&path);
+    let first = Switchyard::start_file(&path);
+    let second = Switchyard::start_file(&path);
+    eventually(
+        Duration::from_secs(10),
+        "one leader, one standby",
+        || async {
+            let a = sync_status(&first).await;
+            let b = sync_status(&second).await;
+            a["leader"].as_bool().unwrap() != b["leader"].as_bool().unwrap()
+        },
+    )
+    .await;
+    let (leader, standby) = if sync_status(&first).await["leader"] == true {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    assert_eq!(sync_status(&standby).await["phase"], "standby");
+    leader.signal("KILL");
+    let killed = std::time::Instant::now();
+    src.exec("INSERT INTO users VALUES (1, 'after failover', 1, '')")
+        .await;
+    wait_equal(&src, &dst, Duration::from_secs(15)).await;
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "takeover took {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(sync_status(&standby).await["leader"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_checks_first_and_dry_run_changes_nothing() {
+    let src = TestDb::new(Kind::Lite).await;
+    let dst = TestDb::new(Kind::Lite).await;
+    src.exec("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT, score INT, note TEXT)")
+        .await;
+    // No primary key, no `score`, and `note` holds bytes.
+    dst.exec("CREATE TABLE users (id INTEGER, name TEXT, note BLOB)")
+        .await;
+    let (_dir, path) = write_config(&pair_yaml(
+        "users",
+        &src,
+        &dst,
+        "    columns: { score: points }\n",
+    ));
+    let (ok, out, err) = sync_cli(&path, &["install"]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("target table `users` has no primary key"),
+        "{err}"
+    );
+    assert!(
+        err.contains("mapped column `points` does not exist in target table"),
+        "{err}"
+    );
+    assert!(err.contains("column `note` is text"), "{err}");
+
+    let (_dir2, path2) = write_config(&pair_yaml("users", &src, &dst, "").replace(
+        "table: users, key: [id] }\n    target: { url: \"sqlite",
+        "table: nope, key: [id] }\n    target: { url: \"sqlite",
+    ));
+    let (ok, _, err) = sync_cli(&path2, &["install"]);
+    assert!(!ok);
+    assert!(err.contains("source table `nope` does not exist"), "{err}");
+
+    dst.exec("DROP TABLE users").await;
+    dst.exec("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT, score INT, note TEXT)")
+        .await;
+    let (_dir3, path3) = write_config(&pair_yaml("users", &src, &dst, ""));
+    let (ok, out, err) = sync_cli(&path3, &["install", "--dry-run"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("CREATE TRIGGER switchyard_users_ins"), "{out}");
+    let triggers = src
+        .scalar_i64("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger'")
+        .await;
+    assert_eq!(triggers, 0, "--dry-run created triggers");
+    install(&path3);
+    let triggers = src
+        .scalar_i64("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger'")
+        .await;
+    assert_eq!(triggers, 3);
+    let (ok, _, err) = sync_cli(&path3, &["uninstall"]);
+    assert!(ok, "{err}");
+    let triggers = src
+        .scalar_i64("SELECT COUNT(*) FROM sqlite_master WHERE type = 'trigger'")
+        .await;
+    assert_eq!(triggers, 0);
+}
