@@ -66,6 +66,8 @@ impl Browser {
                 "--disable-background-networking",
                 "--disable-component-update",
                 "--disable-sync",
+                "--disable-breakpad",
+                "--disable-crash-reporter",
                 "--disable-dev-shm-usage",
                 "--window-size=1280,900",
                 "--remote-debugging-port=0",
@@ -124,7 +126,19 @@ impl Browser {
 }
 
 impl Drop for Browser {
+    /// SIGTERM first: Chromium then ends its renderer and helper processes itself, where a
+    /// SIGKILL would leave them orphaned.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -413,4 +427,85 @@ async fn the_page_asks_for_a_token_and_reports_a_refused_one() {
         Value::Null,
         "a refused token is forgotten"
     );
+}
+
+/// Answers shaped like the rollout, sync and consistency endpoints' (which may not exist in
+/// this build), served to the page by a `fetch` stand-in; `/v1/routes` stays real.
+const STUB: &str = r#"
+(() => {
+  const answers = {
+    "/v1/rollouts/users": { route: "users", state: "progressing", step: 2, steps: [5, 25, 50, 100],
+      weight: 25, bake_left_seconds: 42.5,
+      gates: [ { name: "max_error_rate", figure: 0.002, limit: 0.01, passing: true },
+               { name: "max_sync_lag", figure: 0.8, limit: 0.5, passing: false } ],
+      history: [ { at: "2030-01-01T00:00:00Z", event: "step", weight: 5 },
+                 { at: "2030-01-01T00:02:00Z", event: "step", weight: 25 } ] },
+    "/v1/sync": { pairs: [ { name: "users", phase: "stream", lag_p95_seconds: 0.12,
+      changes_per_second: 48.5, stale: false } ] },
+    "/v1/consistency": [ { name: "users", ratio: 0.9995, lower_bound: 0.998, sampled: 12000,
+      mismatched: 6, stale: true } ],
+  };
+  const real = window.fetch.bind(window);
+  window.fetch = (path, options) => {
+    const body = answers[String(path)];
+    if (body === undefined) return real(path, options);
+    return Promise.resolve(new Response(JSON.stringify(body),
+      { status: 200, headers: { "content-type": "application/json" } }));
+  };
+})();
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_renders_rollout_gates_sync_and_consistency_figures() {
+    let Some(binary) = chromium_or_skip() else {
+        return;
+    };
+    let legacy = Backend::start("legacy").await;
+    let target = Backend::start("target").await;
+    let proxy = users_proxy(&legacy, &target);
+    let browser = Browser::launch(&binary).await;
+    let mut tab = browser.new_tab().await;
+    tab.call(
+        "Page.addScriptToEvaluateOnNewDocument",
+        json!({ "source": STUB }),
+    )
+    .await;
+    tab.navigate(&format!("http://{}/ui#token={TOKEN}", proxy.admin))
+        .await;
+
+    let rollout = |field: &str| {
+        format!(
+            "(document.querySelector('[data-rollout=\"users\"] [data-field=\"{field}\"]') || {{}}).textContent"
+        )
+    };
+    let gate = |name: &str, field: &str| {
+        format!(
+            "(document.querySelector('[data-gate=\"{name}\"] [data-field=\"{field}\"]') || {{}}).textContent"
+        )
+    };
+    let pair = |section: &str, field: &str| {
+        format!(
+            "(document.querySelector('#{section} [data-pair=\"users\"] [data-field=\"{field}\"]') || {{}}).textContent"
+        )
+    };
+    tab.wait_for(&rollout("state"), json!("progressing")).await;
+    assert_eq!(tab.eval(&rollout("step")).await, "2");
+    assert_eq!(tab.eval(&rollout("bake_left_seconds")).await, "42.5 s");
+    assert_eq!(tab.eval(&gate("max_error_rate", "passing")).await, "pass");
+    assert_eq!(tab.eval(&gate("max_sync_lag", "passing")).await, "fail");
+    assert_eq!(tab.eval(&gate("max_sync_lag", "figure")).await, "0.8");
+    assert_eq!(tab.eval(&pair("sync", "phase")).await, "stream");
+    assert_eq!(tab.eval(&pair("sync", "lag_p95_seconds")).await, "0.12 s");
+    assert_eq!(tab.eval(&pair("sync", "changes_per_second")).await, "48.5");
+    assert_eq!(tab.eval(&pair("consistency", "ratio")).await, "0.9995");
+    assert_eq!(tab.eval(&pair("consistency", "lower_bound")).await, "0.998");
+    assert_eq!(tab.eval(&pair("consistency", "mismatched")).await, "6");
+    assert_eq!(tab.eval(&pair("consistency", "stale")).await, "yes");
+    // The real route is still there beside the stand-ins.
+    assert_eq!(tab.eval(&field("users", "weight")).await, "10");
+
+    let path = output_path("ui-rollout.png");
+    let size = tab.screenshot(&path).await;
+    println!("status page screenshot with a rollout: {}", path.display());
+    assert!(size > 10_000, "a {size}-byte screenshot is too small");
 }
