@@ -1,5 +1,6 @@
 //! The admin listener: Prometheus metrics, liveness and readiness, which need no token
-//! (contract §6), merged with the authenticated `/v1` API.
+//! (contract §6), the status page `/ui` (its data comes from `/v1`), merged with the
+//! authenticated `/v1` API.
 
 use std::sync::Arc;
 
@@ -32,6 +33,7 @@ pub fn router(
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/ui", get(super::ui::page))
         .with_state(AdminState {
             metrics,
             readiness,

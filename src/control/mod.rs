@@ -7,4 +7,5 @@ pub mod auth;
 pub mod overrides;
 pub mod plane;
 pub mod store;
+pub mod ui;
 pub mod webhook;
