@@ -119,6 +119,12 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         .start(rest_shutdown.clone());
     let prober =
         crate::health::probe::ActiveProber::new(publisher.handle()).start(rest_shutdown.clone());
+    let rollouts = crate::control::rollout::controller::RolloutController::new(
+        control.clone(),
+        publisher.handle(),
+        metrics.clone(),
+    )
+    .start(rest_shutdown.clone());
     let proxy = Arc::new(Proxy::new(publisher.handle(), &config.limits));
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,
@@ -198,6 +204,7 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     let _ = store_sync.await;
     let _ = monitor.await;
     let _ = prober.await;
+    let _ = rollouts.await;
     tracing::info!("switchyard stopped");
     Ok(())
 }

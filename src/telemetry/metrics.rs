@@ -63,6 +63,13 @@ pub struct RouteLabels {
     pub route: Arc<str>,
 }
 
+/// A rollout gate of a route: `max_error_rate`, `max_sync_lag:PAIR`, `webhook:URL`, …
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GateLabels {
+    pub route: Arc<str>,
+    pub gate: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RollbackLabels {
     pub route: Arc<str>,
@@ -168,6 +175,9 @@ pub struct Metrics {
     pub rollbacks: Family<RollbackLabels, Counter>,
     pub failovers: Family<RouteLabels, Counter>,
     pub failover_budget_exhausted: Family<RouteLabels, Counter>,
+    pub rollout_step: Family<RouteLabels, Gauge>,
+    pub rollout_gate: Family<GateLabels, Gauge<f64, AtomicU64>>,
+    pub rollout_gate_passing: Family<GateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -187,6 +197,24 @@ impl Metrics {
         let rollbacks = Family::<RollbackLabels, Counter>::default();
         let failovers = Family::<RouteLabels, Counter>::default();
         let failover_budget_exhausted = Family::<RouteLabels, Counter>::default();
+        let rollout_step = Family::<RouteLabels, Gauge>::default();
+        let rollout_gate = Family::<GateLabels, Gauge<f64, AtomicU64>>::default();
+        let rollout_gate_passing = Family::<GateLabels, Gauge>::default();
+        registry.register(
+            "rollout_step",
+            "Step of the route's rollout, counted from 1 (0: no rollout has started)",
+            rollout_step.clone(),
+        );
+        registry.register(
+            "rollout_gate",
+            "Latest figure of each rollout gate (error rate, latency ratio, sync lag in seconds, consistency, webhook status)",
+            rollout_gate.clone(),
+        );
+        registry.register(
+            "rollout_gate_passing",
+            "1 while the rollout gate holds, 0 while it holds the step back",
+            rollout_gate_passing.clone(),
+        );
         registry.register(
             "rollbacks",
             "Routes rolled back to legacy, by reason (error_rate, latency, target_down, manual)",
@@ -242,6 +270,9 @@ impl Metrics {
             rollbacks,
             failovers,
             failover_budget_exhausted,
+            rollout_step,
+            rollout_gate,
+            rollout_gate_passing,
         }
     }
 
