@@ -1,5 +1,6 @@
 //! `switchyard ctl`: a small client for the admin API (v1) — list and inspect routes and flags,
-//! move weights, switch blue/green sides, roll back, reset, and read the audit log.
+//! move weights, switch blue/green sides, roll back, reset, read the audit log, and drive and
+//! wait on rollouts.
 //!
 //! Every command is one HTTP call. `execute` returns what would be printed so tests can check
 //! output without capturing stdout; `run` prints it and turns errors into exit code 1.
@@ -104,7 +105,49 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Drive a route's rollout, show it, or wait for it to end.
+    Rollout {
+        #[command(subcommand)]
+        action: RolloutCmd,
+    },
 }
+
+#[derive(clap::Subcommand, Debug)]
+pub enum RolloutCmd {
+    /// Start at the first step (also after a promotion, rollback or abort).
+    Start { route: String },
+    /// Hold the current step; its bake time so far is kept.
+    Pause { route: String },
+    /// Continue a paused rollout.
+    Resume { route: String },
+    /// Go to the next step now; `--full`: straight to 100%.
+    Promote {
+        route: String,
+        #[arg(long)]
+        full: bool,
+    },
+    /// Send everything to legacy and end the rollout.
+    Abort { route: String },
+    /// State, step, weight, every gate with its figure, bake time left, history.
+    Status { route: String },
+    /// Print a line per change until the rollout ends. Exit 0 promoted, 2 paused, 3 rolled
+    /// back or aborted, 4 timeout, 1 any other error.
+    Wait {
+        route: String,
+        /// Give up after this long, e.g. `90s`, `15m`.
+        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+}
+
+/// Exit codes of `ctl rollout wait` (contract §6).
+pub const WAIT_PROMOTED: i32 = 0;
+pub const WAIT_ERROR: i32 = 1;
+pub const WAIT_PAUSED: i32 = 2;
+pub const WAIT_ROLLED_BACK: i32 = 3;
+pub const WAIT_TIMEOUT: i32 = 4;
+/// How often `wait` reads the rollout: a change is printed within this.
+const WAIT_POLL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
@@ -160,6 +203,19 @@ impl CtlError {
 /// (the error message — the API's `message` when there is one — printed to stderr as
 /// `switchyard ctl: <code>: <message>`).
 pub async fn run(args: CtlArgs) -> i32 {
+    if let CtlCommand::Rollout {
+        action: RolloutCmd::Wait { route, timeout },
+    } = &args.command
+    {
+        let mut out = std::io::stdout();
+        return match wait(&args, route, *timeout, &mut out).await {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("switchyard ctl: {}: {}", e.code(), e.message());
+                WAIT_ERROR
+            }
+        };
+    }
     match execute(&args).await {
         Ok(out) => {
             print!("{out}");
@@ -229,6 +285,26 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             let path = format!("/v1/audit?limit={limit}");
             api.call(Method::GET, &path, None, None).await?
         }
+        CtlCommand::Rollout { action } => {
+            let (verb, route, body) = match action {
+                RolloutCmd::Start { route } => ("start", route, None),
+                RolloutCmd::Pause { route } => ("pause", route, None),
+                RolloutCmd::Resume { route } => ("resume", route, None),
+                RolloutCmd::Promote { route, full } => {
+                    ("promote", route, Some(json!({ "full": full })))
+                }
+                RolloutCmd::Abort { route } => ("abort", route, None),
+                RolloutCmd::Status { route } | RolloutCmd::Wait { route, .. } => ("", route, None),
+            };
+            let base = format!("/v1/rollouts/{}", segment(route)?);
+            if verb.is_empty() {
+                api.call(Method::GET, &base, None, None).await?
+            } else {
+                let body = body.unwrap_or_else(|| json!({}));
+                api.call(Method::POST, &format!("{base}/{verb}"), Some(body), None)
+                    .await?
+            }
+        }
     };
 
     if args.output == Output::Json {
@@ -250,7 +326,167 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Flags => render_flags(&reply.body),
         CtlCommand::Flag { .. } => render_flag(&reply.body, etag),
         CtlCommand::Audit { .. } => render_audit(&reply.body),
+        CtlCommand::Rollout { .. } => render_rollout(&reply.body),
     })
+}
+
+/// `rollout wait`: polls the rollout, writes one line per change (state, step or the set of
+/// failing gates) to `out`, and returns the exit code for how it ended.
+pub async fn wait(
+    args: &CtlArgs,
+    route: &str,
+    timeout: Duration,
+    out: &mut dyn std::io::Write,
+) -> Result<i32, CtlError> {
+    let api = AdminClient::new(&args.admin, args.token.as_deref())?;
+    let path = format!("/v1/rollouts/{}", segment(route)?);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last: Option<String> = None;
+    loop {
+        let view = api.call(Method::GET, &path, None, None).await?.body;
+        let failing: Vec<&str> = items(&view, "gates")
+            .iter()
+            .filter(|g| g["pass"] == false)
+            .filter_map(|g| g["name"].as_str())
+            .collect();
+        let key = format!("{} {} {:?}", view["state"], view["step"], failing);
+        if last.as_ref() != Some(&key) {
+            let line = match args.output {
+                Output::Json => progress_json(&view).to_string(),
+                Output::Table => progress_line(&view),
+            };
+            // A closed stdout (`| head`) must not turn a promotion into an error.
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+            last = Some(key);
+        }
+        match view["state"].as_str().unwrap_or_default() {
+            "promoted" => return Ok(WAIT_PROMOTED),
+            "paused" => return Ok(WAIT_PAUSED),
+            "rolled_back" | "aborted" => return Ok(WAIT_ROLLED_BACK),
+            "idle" => {
+                return Err(CtlError::BadArgument(format!(
+                    "route `{route}` has no rollout running; start one with `switchyard ctl rollout start {route}`"
+                )));
+            }
+            _ => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            let _ = writeln!(
+                out,
+                "timed out after {} waiting for the rollout of `{route}`",
+                humantime::format_duration(timeout)
+            );
+            return Ok(WAIT_TIMEOUT);
+        }
+        tokio::time::sleep(WAIT_POLL.min(deadline - now)).await;
+    }
+}
+
+/// One JSON line of `rollout wait --output json`.
+fn progress_json(view: &Value) -> Value {
+    json!({
+        "route": view["route"],
+        "state": view["state"],
+        "step": view["step"],
+        "weight": view["weight"],
+        "bake_left_s": view["bake_left_s"],
+        "reason": view["reason"],
+        "gates": view["gates"],
+    })
+}
+
+/// One human line of `rollout wait`.
+fn progress_line(view: &Value) -> String {
+    let steps = view["steps"].as_array().map_or(0, Vec::len);
+    let mut line = format!(
+        "{} {} step {}/{} weight {}",
+        text(view.get("route")),
+        text(view.get("state")),
+        view["step"].as_u64().unwrap_or(0) + 1,
+        steps,
+        percent(view.get("weight")),
+    );
+    if view["state"] == "progressing" {
+        let _ = write!(
+            line,
+            " bake left {:.1}s",
+            view["bake_left_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    let failing: Vec<String> = items(view, "gates")
+        .iter()
+        .filter(|g| g["pass"] == false)
+        .map(|g| format!("{} ({})", text(g.get("name")), text(g.get("reason"))))
+        .collect();
+    if !failing.is_empty() {
+        let _ = write!(line, " holding on: {}", failing.join("; "));
+    }
+    if let Some(reason) = view["reason"].as_str() {
+        let _ = write!(line, " reason: {reason}");
+    }
+    line
+}
+
+/// `rollout status` and every rollout command: one `key: value` line per fact.
+pub fn render_rollout(view: &Value) -> String {
+    let steps: Vec<String> = items(view, "steps")
+        .iter()
+        .map(|s| percent(Some(s)))
+        .collect();
+    let mut kv: Vec<(String, String)> = vec![
+        ("route".into(), text(view.get("route"))),
+        ("state".into(), text(view.get("state"))),
+        (
+            "step".into(),
+            format!(
+                "{} of {} [{}]",
+                view["step"].as_u64().unwrap_or(0) + 1,
+                steps.len(),
+                steps.join(" → ")
+            ),
+        ),
+        ("weight".into(), percent(view.get("weight"))),
+        (
+            "bake".into(),
+            format!(
+                "{:.1}s of {:.1}s baked, {:.1}s left",
+                view["baked_s"].as_f64().unwrap_or(0.0),
+                view["bake_s"].as_f64().unwrap_or(0.0),
+                view["bake_left_s"].as_f64().unwrap_or(0.0)
+            ),
+        ),
+    ];
+    if let Some(reason) = view.get("reason").filter(|v| !v.is_null()) {
+        kv.push(("reason".into(), text(Some(reason))));
+    }
+    for g in items(view, "gates") {
+        kv.push((
+            format!("gate.{}", text(g.get("name"))),
+            format!(
+                "{} {} ({})",
+                if g["pass"] == true { "pass" } else { "HOLD" },
+                text(g.get("figure")),
+                text(g.get("reason"))
+            ),
+        ));
+    }
+    for h in items(view, "history") {
+        kv.push((
+            "history".into(),
+            format!(
+                "{} {} by {} → {} step {} weight {}",
+                text(h.get("at")),
+                text(h.get("event")),
+                text(h.get("by")),
+                text(h.get("state")),
+                h["step"].as_u64().unwrap_or(0) + 1,
+                percent(h.get("weight"))
+            ),
+        ));
+    }
+    key_values(&kv)
 }
 
 /// Route and flag names are `[A-Za-z0-9._-]`, so checking the name is all the percent-encoding

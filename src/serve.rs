@@ -120,6 +120,12 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     let prober =
         crate::health::probe::ActiveProber::new(publisher.handle()).start(rest_shutdown.clone());
     let sync_workers = crate::sync::start_all(&config, control.feeds(), &metrics, &rest_shutdown);
+    let rollouts = crate::control::rollout::controller::RolloutController::new(
+        control.clone(),
+        publisher.handle(),
+        metrics.clone(),
+    )
+    .start(rest_shutdown.clone());
     let proxy = Arc::new(Proxy::new(publisher.handle(), &config.limits));
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,
@@ -202,6 +208,7 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     for w in sync_workers {
         let _ = w.await;
     }
+    let _ = rollouts.await;
     tracing::info!("switchyard stopped");
     Ok(())
 }

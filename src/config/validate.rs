@@ -1051,8 +1051,9 @@ fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
                     c.error(&format!("{wp}.url"), format!("`{}` is not an http(s) URL", w.url));
                 }
                 for (j, ev) in w.on.iter().enumerate() {
-                    if !["step", "rollback", "promoted", "paused", "aborted"].contains(&ev.as_str()) {
-                        c.error(&format!("{wp}.on[{j}]"), format!("`{ev}` is not an event; use step, rollback, promoted, paused or aborted"));
+                    // `gate` makes the webhook a gate: asked at every step, 2xx lets it proceed.
+                    if !["step", "rollback", "promoted", "paused", "aborted", "gate"].contains(&ev.as_str()) {
+                        c.error(&format!("{wp}.on[{j}]"), format!("`{ev}` is not an event; use step, rollback, promoted, paused, aborted or gate"));
                     }
                 }
                 Webhook { url: w.url.clone(), on: w.on.clone() }

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::auth::Tokens;
-use super::plane::{Change, ControlError, ControlPlane};
+use super::plane::{Change, ControlError, ControlPlane, RolloutAction};
+use super::rollout::{Command, RolloutError};
 
 const OPENAPI: &str = include_str!("openapi.json");
 
@@ -41,8 +42,12 @@ pub fn router(control: Arc<ControlPlane>, tokens: Arc<Tokens>) -> Router {
         .route("/v1/flags/{name}", get(get_flag).put(set_flag))
         .route("/v1/audit", get(audit))
         .route("/v1/openapi.json", get(openapi))
-        .route("/v1/rollouts/{route}", get(not_configured))
-        .route("/v1/rollouts/{route}/{action}", post(not_configured))
+        .route("/v1/rollouts/{route}", get(get_rollout))
+        .route("/v1/rollouts/{route}/start", post(rollout_start))
+        .route("/v1/rollouts/{route}/pause", post(rollout_pause))
+        .route("/v1/rollouts/{route}/resume", post(rollout_resume))
+        .route("/v1/rollouts/{route}/promote", post(rollout_promote))
+        .route("/v1/rollouts/{route}/abort", post(rollout_abort))
         .route("/v1/sync", get(sync_status))
         .route("/v1/consistency", get(consistency_status))
         .fallback(no_such_endpoint)
@@ -87,6 +92,14 @@ impl From<ControlError> for ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "state_store_unavailable")
             }
             ControlError::Conflict => (StatusCode::CONFLICT, "conflict"),
+            ControlError::Rollout(r) => match r {
+                RolloutError::NotAllowed { .. } => (StatusCode::CONFLICT, "invalid_transition"),
+                RolloutError::NoRollout(_) => (StatusCode::UNPROCESSABLE_ENTITY, "no_rollout"),
+                RolloutError::UnsupportedSplit { .. } => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "invalid")
+                }
+                RolloutError::UnknownPhase(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -306,16 +319,120 @@ async fn consistency_status(State(s): State<ApiState>) -> Response {
     axum::Json(json!({ "consistency": s.control.feeds().consistency_reports() })).into_response()
 }
 
-async fn openapi() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+/// Reading a route that does not exist is 404 (as for `GET /v1/routes/{name}`); a route
+/// without a `rollout:` block is 422 `no_rollout`.
+async fn get_rollout(
+    State(s): State<ApiState>,
+    Path(route): Path<String>,
+) -> Result<Response, ApiError> {
+    match s.control.rollout_view(&route).await {
+        Ok(view) => Ok(axum::Json(view).into_response()),
+        Err(ControlError::UnknownRoute(_)) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("route `{route}` does not exist"),
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
-async fn not_configured() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "not_configured",
-        "rollouts, sync and consistency are not available in this version yet",
-    )
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct PromoteBody {
+    #[serde(default)]
+    full: bool,
+}
+
+/// The body is optional for every rollout command: pipelines `curl -X POST` them.
+fn optional_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EmptyBody {}
+
+async fn rollout_command(
+    s: &ApiState,
+    actor: &str,
+    route: String,
+    command: Command,
+) -> Result<Response, ApiError> {
+    let change = Change::Rollout {
+        route: route.clone(),
+        action: RolloutAction::Command(command),
+    };
+    match s.control.change(actor, change, None).await {
+        Ok(_) => {}
+        // A route that does not exist is 404 here, as for reads: the path names it.
+        Err(ControlError::UnknownRoute(_)) => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("route `{route}` does not exist"),
+            ));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    Ok(axum::Json(s.control.rollout_view(&route).await?).into_response())
+}
+
+async fn rollout_start(
+    State(s): State<ApiState>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    Path(route): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    optional_body::<EmptyBody>(&body)?;
+    rollout_command(&s, &actor, route, Command::Start).await
+}
+
+async fn rollout_pause(
+    State(s): State<ApiState>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    Path(route): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    optional_body::<EmptyBody>(&body)?;
+    rollout_command(&s, &actor, route, Command::Pause).await
+}
+
+async fn rollout_resume(
+    State(s): State<ApiState>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    Path(route): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    optional_body::<EmptyBody>(&body)?;
+    rollout_command(&s, &actor, route, Command::Resume).await
+}
+
+async fn rollout_promote(
+    State(s): State<ApiState>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    Path(route): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let body: PromoteBody = optional_body(&body)?;
+    rollout_command(&s, &actor, route, Command::Promote { full: body.full }).await
+}
+
+async fn rollout_abort(
+    State(s): State<ApiState>,
+    axum::Extension(Actor(actor)): axum::Extension<Actor>,
+    Path(route): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    optional_body::<EmptyBody>(&body)?;
+    rollout_command(&s, &actor, route, Command::Abort).await
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn no_such_endpoint() -> ApiError {

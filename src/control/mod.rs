@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod overrides;
 pub mod plane;
+pub mod rollout;
 pub mod store;
 pub mod ui;
 pub mod webhook;

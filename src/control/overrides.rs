@@ -36,10 +36,12 @@ pub struct FlagOverride {
     pub percentage: Option<Weight>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Overrides {
     pub routes: BTreeMap<String, RouteOverride>,
     pub flags: BTreeMap<String, FlagOverride>,
+    /// Rollout records; they change routing only through the route overrides they come with.
+    pub rollouts: BTreeMap<String, super::rollout::RolloutRecord>,
 }
 
 /// The file's config with every override that still names something in it applied.

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
 use super::overrides::{self, FlagOverride, Overrides, RollbackMark, RouteOverride};
+use super::rollout::{self, RolloutError, RolloutRecord, Routing, Transition, Walk};
 use super::store::{AuditEntry, Engine, StateStore, StateWrite, StoreError, now_rfc3339};
 use super::webhook;
 use crate::config::Config;
@@ -35,6 +36,19 @@ pub enum ControlError {
     StoreUnavailable(String),
     #[error("another replica changed the state at the same moment; retry")]
     Conflict,
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+}
+
+/// Who moves a rollout: an operator's command, or the controller's decision taken on the
+/// record with `revision` (refused as a conflict if the record changed since).
+#[derive(Debug, Clone)]
+pub enum RolloutAction {
+    Command(rollout::Command),
+    Controller {
+        revision: u64,
+        transition: Transition,
+    },
 }
 
 /// An operator's change, before it is checked.
@@ -60,6 +74,10 @@ pub enum Change {
         flag: String,
         percent: f64,
     },
+    Rollout {
+        route: String,
+        action: RolloutAction,
+    },
 }
 
 impl Change {
@@ -70,6 +88,24 @@ impl Change {
             Change::Rollback { .. } => "rollback",
             Change::Reset { .. } => "reset",
             Change::SetFlag { .. } => "set_flag",
+            Change::Rollout { action, .. } => match action {
+                RolloutAction::Command(c) => match c {
+                    rollout::Command::Start => "rollout_start",
+                    rollout::Command::Pause => "rollout_pause",
+                    rollout::Command::Resume => "rollout_resume",
+                    rollout::Command::Promote { .. } => "rollout_promote",
+                    rollout::Command::Abort => "rollout_abort",
+                },
+                RolloutAction::Controller { transition, .. } => match transition {
+                    Transition::Advance { .. } => "rollout_step",
+                    Transition::Promote => "rollout_promote",
+                    Transition::RolledBack { .. } => "rollout_rolled_back",
+                    Transition::Start => "rollout_start",
+                    Transition::Pause => "rollout_pause",
+                    Transition::Resume => "rollout_resume",
+                    Transition::Abort => "rollout_abort",
+                },
+            },
         }
     }
 
@@ -78,7 +114,8 @@ impl Change {
             Change::SetWeight { route, .. }
             | Change::Switch { route, .. }
             | Change::Rollback { route, .. }
-            | Change::Reset { route } => route,
+            | Change::Reset { route }
+            | Change::Rollout { route, .. } => route,
             Change::SetFlag { flag, .. } => flag,
         }
     }
@@ -86,6 +123,23 @@ impl Change {
 
 /// The actor health rollbacks are audited under.
 pub const HEALTH_ACTOR: &str = "health";
+
+/// The actor the rollout controller's transitions are audited under.
+pub const ROLLOUT_ACTOR: &str = "rollout";
+
+/// What the rollout controller needs of one route with a `rollout:` block, read in one go.
+#[derive(Debug, Clone)]
+pub struct RolloutSubject {
+    pub route: String,
+    pub spec: crate::config::RolloutSpec,
+    pub rollback: Option<crate::config::RollbackSpec>,
+    pub walk: Walk,
+    pub record: RolloutRecord,
+    /// The reason of the route's rollback mark, when it is rolled back.
+    pub rolled_back: Option<String>,
+    /// Sync pairs whose `routes` name this route.
+    pub syncs: Vec<String>,
+}
 
 struct Desired {
     config: Config,
@@ -102,6 +156,7 @@ pub struct ControlPlane {
     store_url: String,
     store_ok: AtomicBool,
     feeds: crate::telemetry::Feeds,
+    board: rollout::controller::Board,
 }
 
 impl ControlPlane {
@@ -117,7 +172,13 @@ impl ControlPlane {
             store: Mutex::new(None),
             store_ok: AtomicBool::new(false),
             feeds: crate::telemetry::Feeds::default(),
+            board: Default::default(),
         }
+    }
+
+    /// The rollout controller's latest gate figures per route, for the API and webhooks.
+    pub fn rollout_board(&self) -> &rollout::controller::Board {
+        &self.board
     }
 
     /// Figures of the sync workers and samplers: written by those jobs, read by gates and
@@ -357,11 +418,190 @@ impl ControlPlane {
             .and_then(|i| desired.config.policies[i].rollout.as_ref())
             .map(|r| r.webhooks.clone())
             .unwrap_or_default();
+        let mut payload = json!({ "event": "rollback", "route": route, "reason": reason, "detail": detail, "figures": figures, "at": now_rfc3339() });
+        // A rollback in the middle of a rollout says where the rollout was.
+        if let Ok((_, _, walk)) = rollout_parts(desired, route)
+            && let Some(record) = desired.overrides.rollouts.get(route)
+            && record.phase.is_running()
+        {
+            payload["step"] = json!(record.step);
+            payload["weight"] = json!(walk.weight(record.step).percent());
+            payload["gates"] = self.board.gates_json(route);
+        }
+        webhook::announce(&webhooks, "rollback", payload);
+    }
+
+    /// Announces the rollout's last transition to the route's webhooks subscribed to it.
+    fn announce_rollout(&self, desired: &Desired, route: &str) {
+        let Ok((_, spec, walk)) = rollout_parts(desired, route) else {
+            return;
+        };
+        let Some(record) = desired.overrides.rollouts.get(route) else {
+            return;
+        };
+        let Some(last) = record.history.last() else {
+            return;
+        };
+        let event = match last.event.as_str() {
+            "start" | "step" => "step",
+            "pause" => "paused",
+            "promote" if record.phase == rollout::Phase::Promoted => "promoted",
+            "promote" => "step",
+            "abort" => "aborted",
+            _ => return,
+        };
         webhook::announce(
-            &webhooks,
-            "rollback",
-            json!({ "event": "rollback", "route": route, "reason": reason, "detail": detail, "figures": figures, "at": now_rfc3339() }),
+            &spec.webhooks,
+            event,
+            json!({
+                "event": event,
+                "route": route,
+                "state": record.phase.as_str(),
+                "step": record.step,
+                "steps": walk.len(),
+                "weight": rollout::shown_weight(&walk, record),
+                "by": last.by,
+                "reason": record.reason,
+                "gates": self.board.gates_json(route),
+                "at": last.at,
+            }),
         );
+    }
+
+    /// What the rollout controller needs, for every route with a `rollout:` block.
+    pub async fn rollout_subjects(&self) -> Vec<RolloutSubject> {
+        let desired = self.desired.lock().await;
+        let config = &desired.config;
+        config
+            .routes
+            .iter()
+            .zip(&config.policies)
+            .filter_map(|(route, policy)| {
+                let spec = policy.rollout.clone()?;
+                let walk = Walk::of(&route.name, &route.split, &spec.steps).ok()?;
+                let name = route.name.to_string();
+                Some(RolloutSubject {
+                    record: desired
+                        .overrides
+                        .rollouts
+                        .get(&name)
+                        .cloned()
+                        .unwrap_or_default(),
+                    rolled_back: desired
+                        .overrides
+                        .routes
+                        .get(&name)
+                        .and_then(|o| o.rollback.as_ref())
+                        .map(|m| m.reason.clone()),
+                    syncs: config
+                        .sync
+                        .iter()
+                        .filter(|s| s.routes.contains(&name))
+                        .map(|s| s.name.clone())
+                        .collect(),
+                    rollback: policy.rollback.clone(),
+                    route: name,
+                    spec,
+                    walk,
+                })
+            })
+            .collect()
+    }
+
+    /// Saves how long a step has baked (see `StateStore::save_bake`); kept in memory too,
+    /// so the admin API shows it.
+    pub async fn save_bake(&self, route: &str, revision: u64, baked: Duration) -> bool {
+        let Some(store) = self.current_store().await else {
+            return false;
+        };
+        let mut desired = self.desired.lock().await;
+        match store.save_bake(route, revision, baked).await {
+            Ok(true) => {
+                if let Some(r) = desired.overrides.rollouts.get_mut(route)
+                    && r.revision == revision
+                {
+                    r.baked = baked;
+                }
+                true
+            }
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, route, "cannot save the rollout's bake time");
+                false
+            }
+        }
+    }
+
+    /// Takes or renews the rollout lease; `false` when another replica holds it or the
+    /// store cannot be reached.
+    pub async fn rollout_lease(&self, holder: &str, ttl: Duration) -> bool {
+        let Some(store) = self.current_store().await.filter(|_| self.store_ok()) else {
+            return false;
+        };
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2));
+        store
+            .lease(holder, now_ms, ttl)
+            .await
+            .map_err(|e| tracing::warn!(error = %e, "cannot renew the rollout lease"))
+            .unwrap_or(false)
+    }
+
+    pub async fn release_rollout_lease(&self, holder: &str) {
+        if let Some(store) = self.current_store().await
+            && let Err(e) = store.release_lease(holder).await
+        {
+            tracing::warn!(error = %e, "cannot release the rollout lease");
+        }
+    }
+
+    /// Re-reads every rollout record, with the bake times the previous leader saved (those
+    /// do not bump the store's version, so the store sync does not bring them).
+    pub async fn refresh_rollouts(&self) {
+        let Some(store) = self.current_store().await else {
+            return;
+        };
+        let mut desired = self.desired.lock().await;
+        match store.rollouts().await {
+            Ok(records) => desired.overrides.rollouts = records,
+            Err(e) => tracing::warn!(error = %e, "cannot read the rollout records"),
+        }
+    }
+
+    /// `GET /v1/rollouts/{route}`: state, step, weight, gates, bake time left, history.
+    pub async fn rollout_view(&self, route: &str) -> Result<Value, ControlError> {
+        let desired = self.desired.lock().await;
+        let (_, spec, walk) = rollout_parts(&desired, route)?;
+        let record = desired
+            .overrides
+            .rollouts
+            .get(route)
+            .cloned()
+            .unwrap_or_default();
+        let live = self.board.get(route);
+        let baked = live
+            .as_ref()
+            .filter(|l| l.revision == record.revision)
+            .map_or(record.baked, |l| l.baked);
+        let running = record.phase == rollout::Phase::Progressing;
+        let steps: Vec<f64> = (0..walk.len()).map(|i| walk.weight(i).percent()).collect();
+        Ok(json!({
+            "route": route,
+            "kind": if matches!(walk, Walk::BlueGreen) { "blue_green" } else { "weights" },
+            "state": record.phase.as_str(),
+            "step": record.step,
+            "steps": steps,
+            "weight": rollout::shown_weight(&walk, &record),
+            "bake_s": spec.bake.as_secs_f64(),
+            "baked_s": baked.as_secs_f64(),
+            "bake_left_s": if running { spec.bake.saturating_sub(baked).as_secs_f64() } else { 0.0 },
+            "reason": record.reason,
+            "revision": record.revision,
+            "gates": live.as_ref().map_or(json!([]), |l| json!(l.evaluation.gates)),
+            "leader": live.as_ref().is_some_and(|l| l.leader),
+            "history": record.history,
+        }))
     }
 
     /// The live window figures of a route, added to its view (outside the ETag: they
@@ -434,7 +674,22 @@ impl ControlPlane {
         };
         // This write carries the route's whole state, so a pending health rollback is
         // either recorded by it or superseded by it.
-        if !matches!(change, Change::SetFlag { .. }) {
+        // A rollout transition that keeps the route's rollback mark (recording a health
+        // rollback as the rollout's end) leaves the rollback's own audit record to its writer.
+        let keeps_mark = matches!(change, Change::Rollout { .. })
+            && desired
+                .overrides
+                .routes
+                .get(change.target())
+                .and_then(|o| o.rollback.as_ref())
+                .is_some_and(|m| {
+                    next.overrides
+                        .routes
+                        .get(change.target())
+                        .and_then(|o| o.rollback.as_ref())
+                        == Some(m)
+                });
+        if !matches!(change, Change::SetFlag { .. }) && !keeps_mark {
             next.unrecorded_rollbacks.remove(change.target());
         }
         let after = self.view_of(&next, &change)?;
@@ -459,6 +714,9 @@ impl ControlPlane {
         let version = self.publish(&desired);
         if let Change::Rollback { route, reason } = &change {
             self.announce_rollback(&desired, route, "manual", reason, None);
+        }
+        if let Change::Rollout { route, .. } = &change {
+            self.announce_rollout(&desired, route);
         }
         let after = self.with_health(&desired, after);
         tracing::info!(
@@ -672,6 +930,42 @@ fn plan(
                 value: RouteOverride::default(),
             }
         }
+        Change::Rollout { route, action } => {
+            let (_, _, walk) = rollout_parts(desired, route)?;
+            let record = overrides.rollouts.get(route).cloned().unwrap_or_default();
+            let transition = match action {
+                RolloutAction::Command(c) => rollout::command(&record, &walk, *c)?,
+                RolloutAction::Controller {
+                    revision,
+                    transition,
+                } => {
+                    if *revision != record.revision {
+                        return Err(ControlError::Conflict);
+                    }
+                    transition.clone()
+                }
+            };
+            let next = rollout::apply(&record, &walk, &transition, actor, &now_rfc3339());
+            let o = overrides.routes.entry(route.clone()).or_default();
+            match rollout::routing(&walk, &next) {
+                Routing::Weight(w) => {
+                    o.weight = Some(w);
+                    o.rollback = None;
+                }
+                Routing::Active(side) => {
+                    o.active = Some(side);
+                    o.rollback = None;
+                }
+                Routing::Unchanged => {}
+            }
+            let value = o.clone();
+            overrides.rollouts.insert(route.clone(), next.clone());
+            StateWrite::Rollout {
+                name: route.clone(),
+                value,
+                rollout: next,
+            }
+        }
         Change::SetFlag { flag, percent } => {
             if !desired.config.flags.iter().any(|f| &f.name == flag) {
                 return Err(ControlError::UnknownFlag(flag.clone()));
@@ -689,6 +983,26 @@ fn plan(
         }
     };
     Ok((write, overrides))
+}
+
+/// A route's rollout spec and walk, or why it has none.
+fn rollout_parts<'a>(
+    desired: &'a Desired,
+    name: &str,
+) -> Result<(&'a Route, &'a crate::config::RolloutSpec, Walk), ControlError> {
+    let i = desired
+        .config
+        .routes
+        .iter()
+        .position(|r| &*r.name == name)
+        .ok_or_else(|| ControlError::UnknownRoute(name.to_string()))?;
+    let route = &desired.config.routes[i];
+    let spec = desired.config.policies[i]
+        .rollout
+        .as_ref()
+        .ok_or_else(|| RolloutError::NoRollout(name.to_string()))?;
+    let walk = Walk::of(name, &route.split, &spec.steps)?;
+    Ok((route, spec, walk))
 }
 
 fn find_route<'a>(desired: &'a Desired, name: &str) -> Result<&'a Route, ControlError> {
@@ -759,7 +1073,7 @@ fn route_view(desired: &Desired, name: &str) -> Option<Value> {
         ),
     };
     let rollback = o.and_then(|o| o.rollback.as_ref());
-    Some(with_etag(json!({
+    let mut view = json!({
         "name": name,
         "legacy": backend(route.legacy),
         "target": backend(route.target),
@@ -770,7 +1084,12 @@ fn route_view(desired: &Desired, name: &str) -> Option<Value> {
         "state": if rollback.is_some() { "rolled_back" } else { "active" },
         "rollback": rollback,
         "sticky": sticky_text(route.sticky.as_ref()),
-    })))
+    });
+    // Only routes that have had a rollout show one, so other routes read (and tag) as before.
+    if let Some(r) = desired.overrides.rollouts.get(name) {
+        view["rollout"] = json!({ "state": r.phase.as_str(), "step": r.step });
+    }
+    Some(with_etag(view))
 }
 
 fn flag_view(desired: &Desired, name: &str) -> Option<Value> {

@@ -11,6 +11,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::overrides::{FlagOverride, Overrides, RollbackMark, RouteOverride};
+use super::rollout::{HistoryEntry, Phase, RolloutRecord};
 use crate::dataplane::split::{Side, Weight};
 
 /// The channel replicas sharing a Postgres store are notified on.
@@ -72,6 +73,12 @@ pub enum StateWrite {
     Flag {
         name: String,
         value: FlagOverride,
+    },
+    /// A rollout transition: the route's override and its rollout record together.
+    Rollout {
+        name: String,
+        value: RouteOverride,
+        rollout: RolloutRecord,
     },
     /// A refusal changes nothing but the audit log.
     Nothing,
@@ -167,7 +174,77 @@ impl StateStore {
             let percentage = weight_column(row.get(1), "flag_overrides", "percentage_bp")?;
             overrides.flags.insert(name, FlagOverride { percentage });
         }
+        overrides.rollouts = self.rollouts().await?;
         Ok(overrides)
+    }
+
+    /// Every route's rollout record, as last saved.
+    pub async fn rollouts(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, RolloutRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT route, state, step, baked_ms, revision, reason, history FROM rollouts",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| self.unavailable(e))?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in rows {
+            let (name, record) = rollout_row(&row)?;
+            out.insert(name, record);
+        }
+        Ok(out)
+    }
+
+    /// Saves how long the current step has baked, unless a transition (of this or another
+    /// replica) has replaced the record since. Not a change of routing: no audit, no version
+    /// bump, so replicas do not re-read the state once a second.
+    pub async fn save_bake(
+        &self,
+        route: &str,
+        revision: u64,
+        baked: Duration,
+    ) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE rollouts SET baked_ms = $1 WHERE route = $2 AND revision = $3")
+                .bind(i64::try_from(baked.as_millis()).unwrap_or(i64::MAX))
+                .bind(route)
+                .bind(i64::try_from(revision).unwrap_or(i64::MAX))
+                .execute(&self.pool)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Takes or renews the rollout lease for `holder` until `now_ms + ttl`. True while this
+    /// holder leads. One conditional UPDATE, so two replicas cannot both win it.
+    pub async fn lease(
+        &self,
+        holder: &str,
+        now_ms: i64,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let until = now_ms + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let done = sqlx::query(
+            "UPDATE rollout_lease SET holder = $1, expires_ms = $2 WHERE id = 1 AND (holder = $1 OR expires_ms < $3)",
+        )
+        .bind(holder)
+        .bind(until)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| self.unavailable(e))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Gives the lease up at shutdown so another replica leads at once.
+    pub async fn release_lease(&self, holder: &str) -> Result<(), StoreError> {
+        sqlx::query("UPDATE rollout_lease SET expires_ms = 0 WHERE id = 1 AND holder = $1")
+            .bind(holder)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
     }
 
     /// Writes the state change and its audit record in one transaction.
@@ -182,24 +259,25 @@ impl StateStore {
                     .await
             }
             StateWrite::Route { name, value } => {
-                let rb = value.rollback.as_ref();
-                sqlx::query(
-                    "INSERT INTO route_overrides (route, weight_bp, active, rolled_back, rollback_at, rollback_by, rollback_reason, updated_at, updated_by) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                     ON CONFLICT (route) DO UPDATE SET weight_bp = $2, active = $3, rolled_back = $4, rollback_at = $5, \
-                     rollback_by = $6, rollback_reason = $7, updated_at = $8, updated_by = $9",
-                )
-                .bind(name)
-                .bind(value.weight.map(|w| i64::from(w.basis_points())))
-                .bind(value.active.map(|s| s.as_str()))
-                .bind(i64::from(rb.is_some()))
-                .bind(rb.map(|r| r.at.as_str()))
-                .bind(rb.map(|r| r.by.as_str()))
-                .bind(rb.map(|r| r.reason.as_str()))
-                .bind(now)
-                .bind(&audit.actor)
-                .execute(&mut *tx)
-                .await
+                write_route(&mut tx, name, value, now, &audit.actor).await
+            }
+            StateWrite::Rollout {
+                name,
+                value,
+                rollout,
+            } => {
+                let route = if value.is_empty() {
+                    sqlx::query("DELETE FROM route_overrides WHERE route = $1")
+                        .bind(name)
+                        .execute(&mut *tx)
+                        .await
+                } else {
+                    write_route(&mut tx, name, value, now, &audit.actor).await
+                };
+                match route {
+                    Ok(_) => write_rollout(&mut tx, name, rollout, now).await,
+                    Err(e) => Err(e),
+                }
             }
             StateWrite::Flag { name, value } if value.percentage.is_none() => {
                 sqlx::query("DELETE FROM flag_overrides WHERE flag = $1")
@@ -297,6 +375,87 @@ impl StateStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+async fn write_route(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    name: &str,
+    value: &RouteOverride,
+    now: &str,
+    actor: &str,
+) -> Result<sqlx::any::AnyQueryResult, sqlx::Error> {
+    let rb = value.rollback.as_ref();
+    sqlx::query(
+        "INSERT INTO route_overrides (route, weight_bp, active, rolled_back, rollback_at, rollback_by, rollback_reason, updated_at, updated_by) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (route) DO UPDATE SET weight_bp = $2, active = $3, rolled_back = $4, rollback_at = $5, \
+         rollback_by = $6, rollback_reason = $7, updated_at = $8, updated_by = $9",
+    )
+    .bind(name)
+    .bind(value.weight.map(|w| i64::from(w.basis_points())))
+    .bind(value.active.map(|s| s.as_str()))
+    .bind(i64::from(rb.is_some()))
+    .bind(rb.map(|r| r.at.as_str()))
+    .bind(rb.map(|r| r.by.as_str()))
+    .bind(rb.map(|r| r.reason.as_str()))
+    .bind(now)
+    .bind(actor)
+    .execute(&mut **tx)
+    .await
+}
+
+async fn write_rollout(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    name: &str,
+    r: &RolloutRecord,
+    now: &str,
+) -> Result<sqlx::any::AnyQueryResult, sqlx::Error> {
+    let history = serde_json::to_string(&r.history).unwrap_or_else(|_| "[]".to_string());
+    sqlx::query(
+        "INSERT INTO rollouts (route, state, step, baked_ms, revision, reason, history, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (route) DO UPDATE SET state = $2, step = $3, baked_ms = $4, revision = $5, \
+         reason = $6, history = $7, updated_at = $8",
+    )
+    .bind(name)
+    .bind(r.phase.as_str())
+    .bind(i64::try_from(r.step).unwrap_or(i64::MAX))
+    .bind(i64::try_from(r.baked.as_millis()).unwrap_or(i64::MAX))
+    .bind(i64::try_from(r.revision).unwrap_or(i64::MAX))
+    .bind(r.reason.as_deref())
+    .bind(history)
+    .bind(now)
+    .execute(&mut **tx)
+    .await
+}
+
+fn rollout_row(row: &AnyRow) -> Result<(String, RolloutRecord), StoreError> {
+    let name: String = row.get(0);
+    let state: String = row.get(1);
+    let phase = Phase::parse(&state).map_err(|_| StoreError::Corrupt {
+        table: "rollouts",
+        column: "state",
+        value: state.clone(),
+    })?;
+    let history: String = row.get(6);
+    let history: Vec<HistoryEntry> =
+        serde_json::from_str(&history).map_err(|_| StoreError::Corrupt {
+            table: "rollouts",
+            column: "history",
+            value: history.chars().take(80).collect(),
+        })?;
+    let count = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok((
+        name,
+        RolloutRecord {
+            phase,
+            step: usize::try_from(count(row.get(2))).unwrap_or(0),
+            baked: Duration::from_millis(count(row.get(3))),
+            revision: count(row.get(4)),
+            reason: row.get(5),
+            history,
+        },
+    ))
 }
 
 fn route_row(row: &AnyRow) -> Result<(String, RouteOverride), StoreError> {

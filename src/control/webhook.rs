@@ -52,3 +52,18 @@ pub fn announce(webhooks: &[Webhook], event: &'static str, payload: serde_json::
         });
     }
 }
+
+/// Asks a webhook gate once: POSTs `payload` and returns the status code, or why there was
+/// none (refused, timed out). The caller decides what a code means.
+pub async fn ask(url: &str, payload: &serde_json::Value, timeout: Duration) -> Result<u16, String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let request = http::Request::post(url)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(payload.to_string())))
+        .map_err(|e| format!("unusable URL: {e}"))?;
+    match tokio::time::timeout(timeout, client.request(request)).await {
+        Ok(Ok(r)) => Ok(r.status().as_u16()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {}s", timeout.as_secs_f64())),
+    }
+}

@@ -321,9 +321,13 @@ impl Proxy {
         match decision.route {
             Some(i) => {
                 snapshot.stats[i].side(side).record(code, elapsed);
-                // Windows have readers only where a route sets rollback limits or failover.
+                // Windows have readers only where a route sets rollback limits, failover or
+                // a rollout (whose gates read them).
                 let policy = &snapshot.policies[i];
-                if policy.rollback.is_some() || policy.failover.is_some() {
+                if policy.rollback.is_some()
+                    || policy.failover.is_some()
+                    || policy.rollout.is_some()
+                {
                     snapshot.health[i]
                         .side(side)
                         .record(outcome, started + elapsed, elapsed);

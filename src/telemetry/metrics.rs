@@ -63,6 +63,13 @@ pub struct RouteLabels {
     pub route: Arc<str>,
 }
 
+/// A rollout gate of a route: `max_error_rate`, `max_sync_lag:PAIR`, `webhook:URL`, …
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct GateLabels {
+    pub route: Arc<str>,
+    pub gate: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RollbackLabels {
     pub route: Arc<str>,
@@ -182,6 +189,9 @@ pub struct Metrics {
     pub sync_lag: Family<SyncLabels, Gauge<f64, AtomicU64>>,
     pub sync_changes: Family<SyncDirectionLabels, Counter>,
     pub consistency_ratio: Family<SyncLabels, Gauge<f64, AtomicU64>>,
+    pub rollout_step: Family<RouteLabels, Gauge>,
+    pub rollout_gate: Family<GateLabels, Gauge<f64, AtomicU64>>,
+    pub rollout_gate_passing: Family<GateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -218,6 +228,24 @@ impl Metrics {
             "consistency_ratio",
             "Sampled share of rows equal on both sides (lower 95% confidence bound)",
             consistency_ratio.clone(),
+        );
+        let rollout_step = Family::<RouteLabels, Gauge>::default();
+        let rollout_gate = Family::<GateLabels, Gauge<f64, AtomicU64>>::default();
+        let rollout_gate_passing = Family::<GateLabels, Gauge>::default();
+        registry.register(
+            "rollout_step",
+            "Step of the route's rollout, counted from 1 (0: no rollout has started)",
+            rollout_step.clone(),
+        );
+        registry.register(
+            "rollout_gate",
+            "Latest figure of each rollout gate (error rate, latency ratio, sync lag in seconds, consistency, webhook status)",
+            rollout_gate.clone(),
+        );
+        registry.register(
+            "rollout_gate_passing",
+            "1 while the rollout gate holds, 0 while it holds the step back",
+            rollout_gate_passing.clone(),
         );
         registry.register(
             "rollbacks",
@@ -277,6 +305,9 @@ impl Metrics {
             sync_lag,
             sync_changes,
             consistency_ratio,
+            rollout_step,
+            rollout_gate,
+            rollout_gate_passing,
         }
     }
 

@@ -493,3 +493,95 @@ impl HupOnlyConfig {
         }
     }
 }
+
+/// A backend whose answers a test switches while it runs: `set_status(500)` makes every
+/// answer a 500 (with `x-backend: NAME`), `set_status(200)` heals it. Every request body it
+/// receives is kept, so it also serves as a webhook receiver (or a webhook gate).
+pub struct Switchable {
+    pub addr: SocketAddr,
+    status: Arc<std::sync::atomic::AtomicU16>,
+    bodies: Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Switchable {
+    pub async fn start(name: &'static str) -> Switchable {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (st, seen) = (status.clone(), bodies.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (st, seen) = (st.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<Incoming>| {
+                        let (st, seen) = (st.clone(), seen.clone());
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            if !body.is_empty() {
+                                seen.lock()
+                                    .unwrap()
+                                    .push(String::from_utf8_lossy(&body).into_owned());
+                            }
+                            let code = StatusCode::from_u16(st.load(Ordering::Relaxed)).unwrap();
+                            let mut r = text(code, name);
+                            r.headers_mut().insert("x-backend", name.parse().unwrap());
+                            Ok::<_, Infallible>(r)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Switchable {
+            addr,
+            status,
+            bodies,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set_status(&self, code: u16) {
+        self.status.store(code, Ordering::Relaxed);
+    }
+
+    /// Every non-empty request body received so far, parsed as JSON where it is.
+    pub fn bodies(&self) -> Vec<serde_json::Value> {
+        self.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|b| serde_json::from_str(b).ok())
+            .collect()
+    }
+}
+
+impl Drop for Switchable {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Runs `switchyard ctl --admin … --token … ARGS` and returns its exit code and stdout.
+pub fn ctl(proxy: &Switchyard, args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["ctl", "--admin", &proxy.admin_url(""), "--token", TOKEN])
+        .args(args)
+        .output()
+        .expect("run switchyard ctl");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
