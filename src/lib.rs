@@ -5,6 +5,7 @@
 //! `telemetry` owns metrics and logs; `lifecycle` gives every task the same start/stop shape.
 
 pub mod config;
+pub mod consistency;
 pub mod control;
 pub mod ctl;
 pub mod dataplane;

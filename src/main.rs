@@ -42,10 +42,32 @@ enum Command {
     },
     /// Client of the admin API: read and change routes and flags, read the audit log.
     Ctl(switchyard::ctl::CtlArgs),
+    /// Compare the two sides of a sync pair.
+    Consistency {
+        #[command(subcommand)]
+        action: ConsistencyAction,
+    },
     /// Install or remove the change-capture objects the sync worker needs.
     Sync {
         #[command(subcommand)]
         action: SyncAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConsistencyAction {
+    /// One full comparison (checksum bisection): exit 0 when consistent, 3 when not, 1 on error.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        sync: String,
+        /// Re-queue every differing key through the sync worker's apply path.
+        #[arg(long)]
+        repair: bool,
+        /// `text` or `json`.
+        #[arg(long, default_value = "text")]
+        output: String,
     },
 }
 
@@ -79,6 +101,22 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Ctl(args) => ctl(args),
+        Command::Consistency {
+            action:
+                ConsistencyAction::Check {
+                    config,
+                    sync,
+                    repair,
+                    output,
+                },
+        } => match consistency_check(&config, &sync, repair, output == "json") {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(3),
+            Err(e) => {
+                eprintln!("switchyard consistency: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Sync { action } => match sync(action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -137,6 +175,23 @@ fn ctl(args: switchyard::ctl::CtlArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn consistency_check(
+    config: &std::path::Path,
+    sync: &str,
+    repair: bool,
+    json: bool,
+) -> anyhow::Result<bool> {
+    let parsed = switchyard::config::load(config)
+        .with_context(|| format!("reading {}", config.display()))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    Ok(runtime.block_on(switchyard::consistency::check_command(
+        &parsed, sync, repair, json,
+    ))?)
 }
 
 fn sync(action: SyncAction) -> anyhow::Result<()> {

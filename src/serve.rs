@@ -120,6 +120,8 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     let prober =
         crate::health::probe::ActiveProber::new(publisher.handle()).start(rest_shutdown.clone());
     let sync_workers = crate::sync::start_all(&config, control.feeds(), &metrics, &rest_shutdown);
+    let samplers =
+        crate::consistency::start_all(&config, control.feeds(), &metrics, &rest_shutdown);
     let rollouts = crate::control::rollout::controller::RolloutController::new(
         control.clone(),
         publisher.handle(),
@@ -205,6 +207,9 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
     let _ = store_sync.await;
     let _ = monitor.await;
     let _ = prober.await;
+    for w in samplers {
+        let _ = w.await;
+    }
     for w in sync_workers {
         let _ = w.await;
     }

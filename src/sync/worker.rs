@@ -131,7 +131,8 @@ impl SyncWorker {
 
     async fn run(mut self, mut shutdown: Shutdown) {
         let mut backoff = Duration::from_millis(200);
-        self.publish(true);
+        self.feeds
+            .note_sync_error(&self.spec.name, "connecting", "not connected yet".into());
         while !shutdown.is_triggered() {
             let result = tokio::select! {
                 r = self.session() => r,
@@ -146,7 +147,8 @@ impl SyncWorker {
                     if matches!(e, SyncError::NotInstalled(_)) {
                         self.report.phase = "not_installed".into();
                     }
-                    self.publish(true);
+                    self.feeds
+                        .note_sync_error(&self.spec.name, &self.report.phase, e.to_string());
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.wait() => break,
@@ -221,7 +223,22 @@ impl SyncWorker {
                 }
                 if !self.report.leader {
                     self.report.phase = "standby".into();
-                    self.report.oldest_pending = None;
+                    // A standby measures lag from the change table itself, so a replica that
+                    // leads rollouts but not this pair still gates on real figures.
+                    let oldest = sqlx::query(AssertSqlSafe(format!(
+                        "SELECT changed_at FROM {} ORDER BY seq LIMIT 1",
+                        plan.change_table()
+                    )))
+                    .fetch_optional(&mut *from_conn)
+                    .await
+                    .map_err(|e| SyncError::Query {
+                        what: "reading the oldest pending change".into(),
+                        source: e,
+                    })?;
+                    self.report.oldest_pending = oldest
+                        .and_then(|r| r.try_get::<i64, _>(0).ok())
+                        .map(|at| UNIX_EPOCH + Duration::from_micros(at.max(0) as u64));
+                    self.report.last_lag = Duration::ZERO;
                     self.publish(true);
                     tokio::time::sleep(LEASE_RENEW).await;
                     continue;

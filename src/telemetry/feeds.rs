@@ -183,6 +183,57 @@ impl Feeds {
         );
     }
 
+    /// Records a job's error without refreshing its figures: they keep ageing, so gates see
+    /// them go stale while the job cannot measure.
+    pub fn note_sync_error(&self, name: &str, phase: &str, error: String) {
+        let mut map = self.inner.sync.write().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(name) {
+            Some(e) => {
+                e.report.last_error = Some(error);
+                e.report.phase = phase.to_string();
+                e.report.leader = false;
+            }
+            None => {
+                map.insert(
+                    name.to_string(),
+                    Entry {
+                        report: SyncReport {
+                            phase: phase.to_string(),
+                            last_error: Some(error),
+                            ..Default::default()
+                        },
+                        // Never fresh: nothing was measured.
+                        updated: Instant::now() - STALE_AFTER * 2,
+                    },
+                );
+            }
+        }
+    }
+
+    /// See [`Feeds::note_sync_error`].
+    pub fn note_consistency_error(&self, name: &str, error: String) {
+        let mut map = self
+            .inner
+            .consistency
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(name) {
+            Some(e) => e.report.last_error = Some(error),
+            None => {
+                map.insert(
+                    name.to_string(),
+                    Entry {
+                        report: ConsistencyReport {
+                            last_error: Some(error),
+                            ..Default::default()
+                        },
+                        updated: Instant::now() - STALE_AFTER * 2,
+                    },
+                );
+            }
+        }
+    }
+
     /// Current lag of a pair (see [`SyncReport::current_lag`]).
     pub fn sync_lag(&self, name: &str) -> Reading<Duration> {
         let now = SystemTime::now();
