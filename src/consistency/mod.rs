@@ -86,33 +86,6 @@ pub fn start_all(
         .collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn wilson_bound_grows_with_samples() {
-        assert_eq!(wilson_lower(0, 0), 0.0);
-        let few = wilson_lower(10, 10);
-        let many = wilson_lower(10_000, 10_000);
-        assert!(few < 0.75, "{few}");
-        assert!(many > 0.999, "{many}");
-        assert!(wilson_lower(990, 1000) < 0.99);
-    }
-
-    #[test]
-    fn row_hash_is_stable_and_null_is_not_empty() {
-        let a = row_hash(&[Some("1".into()), Some("x".into())]);
-        assert_eq!(a, row_hash(&[Some("1".into()), Some("x".into())]));
-        assert_ne!(
-            row_hash(&[Some("1".into()), None]),
-            row_hash(&[Some("1".into()), Some(String::new())])
-        );
-        // The first 4 bytes of sha256("1\x1fx"), computed independently.
-        assert_eq!(format!("{a:08x}").len(), 8);
-    }
-}
-
 /// `switchyard consistency check`: one full comparison; prints the report (text or JSON) and
 /// returns whether the pair is equal. `repair` re-queues every differing key through the sync
 /// worker, which must be running to apply them.
@@ -166,4 +139,31 @@ pub async fn check_command(
         }
     }
     Ok(report.equal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wilson_bound_grows_with_samples() {
+        assert_eq!(wilson_lower(0, 0), 0.0);
+        let few = wilson_lower(10, 10);
+        let many = wilson_lower(10_000, 10_000);
+        assert!(few < 0.75, "{few}");
+        assert!(many > 0.999, "{many}");
+        assert!(wilson_lower(990, 1000) < 0.99);
+    }
+
+    #[test]
+    fn row_hash_is_stable_and_null_is_not_empty() {
+        let a = row_hash(&[Some("1".into()), Some("x".into())]);
+        assert_eq!(a, row_hash(&[Some("1".into()), Some("x".into())]));
+        assert_ne!(
+            row_hash(&[Some("1".into()), None]),
+            row_hash(&[Some("1".into()), Some(String::new())])
+        );
+        // The first 4 bytes of sha256("1\x1fx"), computed independently.
+        assert_eq!(format!("{a:08x}").len(), 8);
+    }
 }
