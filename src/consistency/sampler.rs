@@ -174,7 +174,9 @@ impl Sampler {
                 continue;
             }
             self.outcomes.push_back((now, false));
-            self.mismatches.push_back(describe(plan, k, a, b));
+            let m = describe(plan, k, a, b);
+            self.mismatches.retain(|x| x.key != m.key);
+            self.mismatches.push_back(m);
             if self.mismatches.len() > LATEST_MISMATCHES {
                 self.mismatches.pop_front();
             }
