@@ -44,6 +44,17 @@ pub fn wilson_lower(matched: u64, n: u64) -> f64 {
     ((centre - spread) / denom).clamp(0.0, 1.0)
 }
 
+/// Whether `samples` are enough for a low lower bound to mean low agreement: the Wilson lower
+/// bound of a perfect sample reaches `limit` only from about z²·limit/(1−limit) samples
+/// (3,838 for 0.999); fewer samples always give a lower bound below the limit.
+pub fn enough_to_judge(samples: u64, limit: f64) -> bool {
+    if limit >= 1.0 {
+        return samples > 0;
+    }
+    let z2 = 1.96_f64 * 1.96;
+    samples as f64 >= (z2 * limit / (1.0 - limit)).ceil()
+}
+
 /// Separator and NULL marker of a row's checksum text: control characters that canonical
 /// values do not contain in practice, the same in SQL and in Rust.
 pub const SEP: char = '\u{1f}';
@@ -153,6 +164,16 @@ mod tests {
         assert!(few < 0.75, "{few}");
         assert!(many > 0.999, "{many}");
         assert!(wilson_lower(990, 1000) < 0.99);
+    }
+
+    #[test]
+    fn judging_needs_enough_samples() {
+        assert!(!enough_to_judge(100, 0.999));
+        assert!(enough_to_judge(3838, 0.999));
+        assert!(enough_to_judge(381, 0.99));
+        // Just enough: a perfect sample of that size passes the limit.
+        let n = (1.96_f64 * 1.96 * 0.99 / 0.01).ceil() as u64;
+        assert!(wilson_lower(n, n) >= 0.99 - 1e-3);
     }
 
     #[test]

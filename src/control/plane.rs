@@ -469,6 +469,28 @@ impl ControlPlane {
     }
 
     /// What the rollout controller needs, for every route with a `rollout:` block.
+    /// Routes with `rollback.min_consistency`, with the sync pairs that serve them.
+    pub async fn integrity_limits(&self) -> Vec<(String, f64, Vec<String>)> {
+        let desired = self.desired.lock().await;
+        let config = &desired.config;
+        config
+            .routes
+            .iter()
+            .zip(&config.policies)
+            .filter_map(|(route, policy)| {
+                let min = policy.rollback.as_ref()?.min_consistency?;
+                let name = route.name.to_string();
+                let syncs: Vec<String> = config
+                    .sync
+                    .iter()
+                    .filter(|s| s.routes.contains(&name))
+                    .map(|s| s.name.clone())
+                    .collect();
+                (!syncs.is_empty()).then_some((name, min, syncs))
+            })
+            .collect()
+    }
+
     pub async fn rollout_subjects(&self) -> Vec<RolloutSubject> {
         let desired = self.desired.lock().await;
         let config = &desired.config;

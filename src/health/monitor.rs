@@ -107,6 +107,41 @@ impl RollbackMonitor {
         })
     }
 
+    /// `rollback.min_consistency`: a fresh sampled figure, on enough samples, below the
+    /// limit rolls the route back with reason `data_integrity`, rollout or not.
+    async fn integrity_breaches(&mut self) -> Vec<(String, Breach)> {
+        let mut out = Vec::new();
+        for (route, min, syncs) in self.control.integrity_limits().await {
+            if self.rolled_back.contains(&route) {
+                continue;
+            }
+            let feeds = self.control.feeds();
+            for sync in syncs {
+                let samples = feeds.consistency_samples(&sync);
+                if let crate::telemetry::feeds::Reading::Fresh(c) = feeds.consistency(&sync)
+                    && c < min
+                    && crate::consistency::enough_to_judge(samples, min)
+                {
+                    self.rolled_back.insert(route.clone());
+                    out.push((
+                        route.clone(),
+                        Breach {
+                            reason: "data_integrity",
+                            detail: format!(
+                                "sync `{sync}` consistency {c:.5} < rollback.min_consistency {min}"
+                            ),
+                            figures: serde_json::json!({
+                                "sync": sync, "consistency_lower_bound": c, "samples": samples, "limit": min
+                            }),
+                        },
+                    ));
+                    break;
+                }
+            }
+        }
+        out
+    }
+
     async fn evaluate_all(&mut self) {
         let breaches: Vec<(String, Breach)> = {
             let snapshot = self.snapshots.load();
@@ -138,6 +173,8 @@ impl RollbackMonitor {
             }
             breaches
         };
+        let mut breaches = breaches;
+        breaches.extend(self.integrity_breaches().await);
         for (route, breach) in breaches {
             self.control.auto_rollback(&route, breach).await;
         }

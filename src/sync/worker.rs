@@ -446,13 +446,17 @@ impl SyncWorker {
         let batch = apply::read_changes(plan, from, from_conn, BATCH).await?;
         if batch.seqs.is_empty() {
             if dir == Direction::SourceToTarget {
+                // Caught up: nothing waits, so the pair's lag is zero until the next change.
                 self.report.oldest_pending = None;
+                self.report.last_lag = Duration::ZERO;
             }
             return Ok(false);
         }
         let oldest = batch.changed_at.iter().copied().min().unwrap_or_default();
+        let was_idle = self.report.oldest_pending.is_none();
         self.report.oldest_pending = Some(UNIX_EPOCH + Duration::from_micros(oldest.max(0) as u64));
-        self.publish(false);
+        // Published before applying: if the apply blocks, readers see the pending change age.
+        self.publish(was_idle);
         let mut rows = apply::fetch_rows(
             plan,
             from,
@@ -468,7 +472,8 @@ impl SyncWorker {
             .collect();
         let consumed = apply::encode_seqs(&batch.seqs);
         let changes = batch.seqs.len() as u64;
-        let applied = apply::apply(
+        let holder = self.holder.clone();
+        let apply = apply::apply(
             plan,
             dir,
             to_conn,
@@ -477,9 +482,17 @@ impl SyncWorker {
                 consumed: consumed.clone(),
                 changes,
             },
-            &self.holder,
-        )
-        .await?;
+            &holder,
+        );
+        tokio::pin!(apply);
+        // A blocked apply (a lock on the target, a slow database) keeps reporting: the lag
+        // it causes is what the gates must see, fresh.
+        let applied = loop {
+            tokio::select! {
+                r = &mut apply => break r?,
+                _ = tokio::time::sleep(REPORT_EVERY) => self.publish(true),
+            }
+        };
         let committed = now_micros();
         apply::delete_consumed(plan, from_conn, &apply::decode_seqs(&consumed)).await?;
         let lags: Vec<Duration> = batch

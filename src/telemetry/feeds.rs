@@ -52,7 +52,7 @@ pub struct SyncReport {
     /// Write time of the oldest change read but not yet applied; `None` when caught up.
     #[serde(skip)]
     pub oldest_pending: Option<SystemTime>,
-    /// Lag of the last applied change when caught up.
+    /// Lag of the last applied batch; zero once a poll finds nothing waiting.
     #[serde(skip)]
     pub last_lag: Duration,
 }
@@ -243,6 +243,14 @@ impl Feeds {
     /// Lower confidence bound of a pair's sampled consistency.
     pub fn consistency(&self, name: &str) -> Reading<f64> {
         read(&self.inner.consistency, name, |r| r.lower_bound)
+    }
+
+    /// Samples behind the current consistency figure (0 when unknown).
+    pub fn consistency_samples(&self, name: &str) -> u64 {
+        match read(&self.inner.consistency, name, |r| r.sampled) {
+            Reading::Fresh(n) => n,
+            _ => 0,
+        }
     }
 
     pub fn sync_reports(&self) -> Vec<Aged<SyncReport>> {

@@ -269,6 +269,7 @@ impl RolloutController {
                     name: name.clone(),
                     lag: feeds.sync_lag(name),
                     consistency: feeds.consistency(name),
+                    samples: feeds.consistency_samples(name),
                 })
                 .collect(),
             hooks: self.hooks.answers(subject, payload),

@@ -389,6 +389,9 @@ pub struct SyncFigures {
     pub name: String,
     pub lag: Reading<Duration>,
     pub consistency: Reading<f64>,
+    /// Samples behind `consistency`: a lower bound from few samples holds a gate but
+    /// cannot prove the data wrong.
+    pub samples: u64,
 }
 
 /// The gates of one evaluation, and a data-integrity breach if there is one.
@@ -562,6 +565,7 @@ pub fn evaluate(gates: &Gates, rollback: Option<&RollbackSpec>, f: &GateFigures)
         if let (Some(min), Reading::Fresh(c)) =
             (rollback.and_then(|r| r.min_consistency), &s.consistency)
             && *c < min
+            && crate::consistency::enough_to_judge(s.samples, min)
             && out.integrity.is_none()
         {
             out.integrity = Some(format!(
@@ -719,6 +723,7 @@ mod tests {
                 name: "users".into(),
                 lag,
                 consistency,
+                samples: 100_000,
             }],
             hooks: vec![],
         }

@@ -1,0 +1,243 @@
+//! Rollout gates fed by the sync worker and the consistency sampler (issue 7 with 5 and 6):
+//! real PostgreSQL pairs, a real `switchyard serve`, real backends.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::db::{Kind, TestDb};
+use support::*;
+
+const USERS: &str =
+    "CREATE TABLE users (id BIGINT PRIMARY KEY, name VARCHAR(100), score INT, note TEXT)";
+
+fn config(
+    legacy: &str,
+    target: &str,
+    src: &TestDb,
+    dst: &TestDb,
+    rollback: &str,
+    gates: &str,
+) -> String {
+    format!(
+        "backends:\n  legacy: {{ endpoints: [\"{legacy}\"] }}\n  target: {{ endpoints: [\"{target}\"] }}\n\
+default_backend: legacy\n\
+routes:\n  - name: users\n    match: {{ path_prefix: /api/users }}\n    legacy: legacy\n    target: target\n    split: {{ percentage: {{ weight: 0 }} }}\n{rollback}    rollout:\n      steps: [20, 100]\n      bake: 1s\n      gates: {{ {gates} }}\n\
+sync:\n  - name: users\n    source: {{ url: \"{}\", table: users, key: [id] }}\n    target: {{ url: \"{}\", table: users, key: [id] }}\n\
+consistency:\n  - {{ sync: users, sample_rate: 500/s, window: 1m }}\n",
+        src.url(),
+        dst.url()
+    )
+}
+
+async fn rollout(proxy: &Switchyard) -> Value {
+    let (status, body) = admin_call(proxy, "GET", "/v1/rollouts/users", "").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+async fn wait_for(
+    proxy: &Switchyard,
+    within: Duration,
+    what: &str,
+    f: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let view = rollout(proxy).await;
+        if f(&view) {
+            return view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {view:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn gate<'a>(view: &'a Value, name: &str) -> &'a Value {
+    view["gates"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["name"] == name))
+        .unwrap_or_else(|| panic!("no gate {name} in {view:#}"))
+}
+
+fn install(path: &std::path::Path) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["sync", "install", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn pair() -> (TestDb, TestDb) {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(USERS).await;
+    dst.exec(USERS).await;
+    src.exec(
+        "INSERT INTO users SELECT g, 'user ' || g, g % 100, 'n' FROM generate_series(1, 400) g",
+    )
+    .await;
+    (src, dst)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_lag_above_the_gate_holds_the_step_until_it_recovers() {
+    let legacy = Backend::start("legacy").await;
+    let target = Backend::start("target").await;
+    let (src, dst) = pair().await;
+    let (_dir, path) = write_config(&config(
+        &legacy.url(),
+        &target.url(),
+        &src,
+        &dst,
+        "",
+        "max_sync_lag: 300ms",
+    ));
+    install(&path);
+    let proxy = Switchyard::start_file(&path);
+    eventually(Duration::from_secs(20), "backfill done", || async {
+        dst.count("users").await == 400
+    })
+    .await;
+    // The worker cannot apply while the target table is locked: its lag grows.
+    let mut lock = dst.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    src.exec("UPDATE users SET score = score + 1 WHERE id = 7")
+        .await;
+    let (status, body) = admin_call(&proxy, "POST", "/v1/rollouts/users/start", "").await;
+    assert_eq!(status, 200, "{body}");
+    let held = wait_for(
+        &proxy,
+        Duration::from_secs(10),
+        "the lag gate to hold",
+        |v| {
+            v["gates"].as_array().is_some_and(|g| {
+                g.iter().any(|g| {
+                    g["name"] == "max_sync_lag:users"
+                        && g["pass"] == false
+                        && g["figure"].as_f64().is_some_and(|f| f > 0.3)
+                })
+            })
+        },
+    )
+    .await;
+    let g = gate(&held, "max_sync_lag:users");
+    assert!(g["figure"].as_f64().unwrap() > 0.3, "{g}");
+    // Held for well over a bake: still the first step.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let view = rollout(&proxy).await;
+    assert_eq!(
+        view["step"], 0,
+        "advanced while the lag gate failed: {view:#}"
+    );
+    assert_eq!(view["state"], "progressing");
+    lock.rollback().await.unwrap();
+    wait_for(
+        &proxy,
+        Duration::from_secs(15),
+        "promotion after the lag recovered",
+        |v| v["state"] == "promoted",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_mismatch_holds_then_rolls_back_for_data_integrity() {
+    let legacy = Backend::start("legacy").await;
+    let target = Backend::start("target").await;
+    let (src, dst) = pair().await;
+    let (_dir, path) = write_config(&config(
+        &legacy.url(),
+        &target.url(),
+        &src,
+        &dst,
+        "    rollback: { min_consistency: 0.8, window: 10s }\n",
+        "min_consistency: 0.995",
+    ));
+    install(&path);
+    let proxy = Switchyard::start_file(&path);
+    eventually(Duration::from_secs(20), "backfill done", || async {
+        dst.count("users").await == 400
+    })
+    .await;
+    // 3% of the rows differ on the target: below the gate, above the rollback limit.
+    for id in (1..=400).step_by(33) {
+        dst.exec(&format!(
+            "UPDATE users SET name = 'tampered' WHERE id = {id}"
+        ))
+        .await;
+    }
+    let waiter = {
+        let admin = proxy.admin_url("");
+        std::thread::spawn(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+                .args([
+                    "ctl",
+                    "--admin",
+                    &admin,
+                    "--token",
+                    TOKEN,
+                    "rollout",
+                    "wait",
+                    "users",
+                    "--timeout",
+                    "60s",
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+    let (status, body) = admin_call(&proxy, "POST", "/v1/rollouts/users/start", "").await;
+    assert_eq!(status, 200, "{body}");
+    let held = wait_for(
+        &proxy,
+        Duration::from_secs(20),
+        "the consistency gate to hold",
+        |v| {
+            v["gates"].as_array().is_some_and(|g| {
+                g.iter().any(|g| {
+                    g["name"] == "min_consistency:users"
+                        && g["pass"] == false
+                        && g["figure"].as_f64().is_some_and(|f| f > 0.5)
+                })
+            })
+        },
+    )
+    .await;
+    assert_eq!(held["step"], 0);
+    // Now a quarter of the rows: below rollback.min_consistency.
+    for id in (2..=400).step_by(4) {
+        dst.exec(&format!(
+            "UPDATE users SET note = 'tampered' WHERE id = {id}"
+        ))
+        .await;
+    }
+    let done = wait_for(
+        &proxy,
+        Duration::from_secs(30),
+        "a data_integrity rollback",
+        |v| v["state"] == "rolled_back",
+    )
+    .await;
+    let (_, route) = admin_call(&proxy, "GET", "/v1/routes/users", "").await;
+    assert!(route.contains("data_integrity"), "{route} {done:#}");
+    let out = waiter.join().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
