@@ -242,30 +242,34 @@ async fn while_the_worker_streams_in_flight_keys_are_never_mismatches() {
         dst.count("users").await == 500
     })
     .await;
-    // About 1,000 changes a second for 30 s, on the keys the sampler draws.
-    let writer = {
-        let pool = src.pool.clone();
-        tokio::spawn(async move {
-            let start = std::time::Instant::now();
-            let mut i: i64 = 0;
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
-            while start.elapsed() < Duration::from_secs(30) {
-                tick.tick().await;
-                for _ in 0..10 {
+    // About 1,000 changes a second for 30 s (four sessions, 250/s each), on the keys the
+    // sampler draws.
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let pool = src.pool.clone();
+            tokio::spawn(async move {
+                let start = std::time::Instant::now();
+                let mut i: i64 = 0;
+                let mut tick = tokio::time::interval(Duration::from_millis(4));
+                while start.elapsed() < Duration::from_secs(30) {
+                    tick.tick().await;
                     i += 1;
-                    let id = (i * 37) % 500 + 1;
+                    let id = (i * 37 + w * 101) % 500 + 1;
                     sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "UPDATE users SET score = score + 1, note = 'w{i}' WHERE id = {id}"
+                        "UPDATE users SET score = score + 1, note = 'w{w}-{i}' WHERE id = {id}"
                     )))
                     .execute(&pool)
                     .await
                     .unwrap();
                 }
-            }
-            i
+                i
+            })
         })
-    };
-    let written = writer.await.unwrap();
+        .collect();
+    let mut written = 0;
+    for w in writers {
+        written += w.await.unwrap();
+    }
     assert!(written >= 20_000, "only {written} changes written");
     let s = sampled(&proxy).await;
     assert_eq!(
