@@ -569,7 +569,9 @@ async fn one_replica_holds_the_lease_and_another_takes_over() {
         || async {
             let a = sync_status(&first).await;
             let b = sync_status(&second).await;
+            let phases = [a["phase"].as_str().unwrap(), b["phase"].as_str().unwrap()];
             a["leader"].as_bool().unwrap() != b["leader"].as_bool().unwrap()
+                && phases.contains(&"standby")
         },
     )
     .await;
