@@ -8,6 +8,7 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod dataplane;
+pub mod demo;
 pub mod health;
 pub mod lifecycle;
 pub mod serve;
