@@ -399,7 +399,7 @@ async fn drive(
     view.event(&format!(
         "rollout started: users {}, bake {}s per step, gates {}",
         shown.join(" → "),
-        rollout["bake_s"],
+        pct(&rollout["bake_s"]),
         config::GATES
     ));
     let mut findings = Findings::default();
@@ -682,7 +682,7 @@ async fn drive(
     Ok(ok)
 }
 
-/// A weight as people write it: `25`, `2.5`.
+/// A number as people write it: `25`, `2.5`.
 fn pct(w: &Value) -> String {
     w.as_f64().map_or_else(|| w.to_string(), |w| format!("{w}"))
 }
