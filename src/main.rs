@@ -18,9 +18,10 @@ struct Cli {
     /// Log format; default: text on a terminal, json otherwise.
     #[arg(long, global = true, value_enum)]
     log_format: Option<LogFormat>,
-    /// Log level or filter, e.g. `info` or `switchyard=debug`.
-    #[arg(long, global = true, default_value = "info")]
-    log_level: String,
+    /// Log level or filter, e.g. `info` or `switchyard=debug`; default `info` (`off` for
+    /// `demo`, which reports what happens in its own view).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +48,8 @@ enum Command {
         #[command(subcommand)]
         action: ConsistencyAction,
     },
+    /// The quick start: a whole migration, live, with nothing installed.
+    Demo(switchyard::demo::DemoArgs),
     /// Install or remove the change-capture objects the sync worker needs.
     Sync {
         #[command(subcommand)]
@@ -97,8 +100,16 @@ enum SyncAction {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(cli.log_format, &cli.log_level);
+    let default_level = match cli.command {
+        Command::Demo(_) => "off",
+        _ => "info",
+    };
+    logging::init(
+        cli.log_format,
+        cli.log_level.as_deref().unwrap_or(default_level),
+    );
     match cli.command {
+        Command::Demo(args) => demo(args),
         Command::Check { config } => check(&config),
         Command::Ctl(args) => ctl(args),
         Command::Consistency {
@@ -192,6 +203,27 @@ fn consistency_check(
     Ok(runtime.block_on(switchyard::consistency::check_command(
         &parsed, sync, repair, json,
     ))?)
+}
+
+fn demo(args: switchyard::demo::DemoArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("switchyard demo: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(switchyard::demo::run(args)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("switchyard demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn sync(action: SyncAction) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
+use tokio::task::JoinHandle;
 
 use crate::config::reload::{ConfigReloader, ReloadError};
 use crate::config::{self, ConfigError};
@@ -16,7 +17,7 @@ use crate::control::plane::ControlPlane;
 use crate::dataplane::listener::{self, ConnectionLimit, ListenerSettings};
 use crate::dataplane::proxy::Proxy;
 use crate::dataplane::tls::{TlsError, TlsTerminator};
-use crate::lifecycle::{Readiness, shutdown_pair};
+use crate::lifecycle::{Readiness, ShutdownTrigger, shutdown_pair};
 use crate::snapshot::Publisher;
 use crate::telemetry::Metrics;
 
@@ -54,10 +55,76 @@ const STORE_STARTUP_WAIT: std::time::Duration = std::time::Duration::from_secs(5
 
 /// Runs until SIGTERM or SIGINT, then drains.
 pub async fn run(config_path: &Path) -> Result<(), ServeError> {
-    let config = config::load(config_path)?;
     let env_token = std::env::var("SWITCHYARD_ADMIN_TOKEN").ok();
+    let mut terms = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
+    let mut interrupts = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
+    let running = start(config_path, env_token.as_deref()).await?;
+    // One machine-readable line on stdout, so scripts and tests that asked for port 0 can
+    // find the ports without parsing logs.
+    let mut listening = serde_json::json!({ "event": "listening", "http": running.http.to_string(), "admin": running.admin.to_string() });
+    if let Some(addr) = running.https {
+        listening["https"] = serde_json::Value::from(addr.to_string());
+    }
+    println!("{listening}");
+
+    tokio::select! {
+        _ = terms.recv() => tracing::info!("SIGTERM: draining"),
+        _ = interrupts.recv() => tracing::info!("SIGINT: draining"),
+    }
+    running.drain().await;
+    Ok(())
+}
+
+/// A started `serve`: its bound addresses, and the tasks [`Running::drain`] stops in order.
+pub struct Running {
+    pub http: SocketAddr,
+    pub admin: SocketAddr,
+    pub https: Option<SocketAddr>,
+    drain_delay: std::time::Duration,
+    readiness: Readiness,
+    stop_proxy: ShutdownTrigger,
+    stop_rest: ShutdownTrigger,
+    proxy_tasks: Vec<Joined>,
+    rest_tasks: Vec<Joined>,
+}
+
+/// A task's end, whatever it returns: draining only waits for it.
+type Joined = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+fn joined<T: Send + 'static>(task: JoinHandle<T>) -> Joined {
+    Box::pin(async move {
+        let _ = task.await;
+    })
+}
+
+impl Running {
+    /// The drain sequence of contract §8: readiness off, `drain_delay`, listeners drain,
+    /// then the admin listener and background jobs stop.
+    pub async fn drain(self) {
+        // Readiness goes first so load balancers stop sending before the listener closes.
+        self.readiness.set(false);
+        if !self.drain_delay.is_zero() {
+            tokio::time::sleep(self.drain_delay).await;
+        }
+        self.stop_proxy.trigger();
+        // Both listeners drain at once, each within shutdown_timeout.
+        for task in self.proxy_tasks {
+            task.await;
+        }
+        self.stop_rest.trigger();
+        for task in self.rest_tasks {
+            task.await;
+        }
+        tracing::info!("switchyard stopped");
+    }
+}
+
+/// Binds and starts everything `serve` runs (without signal handling); `env_token` is the
+/// admin token `run` takes from `SWITCHYARD_ADMIN_TOKEN`. The demo starts it in-process.
+pub async fn start(config_path: &Path, env_token: Option<&str>) -> Result<Running, ServeError> {
+    let config = config::load(config_path)?;
     let tokens = Arc::new(Tokens::load(
-        env_token.as_deref(),
+        env_token,
         config.admin_tokens_file.as_deref(),
     )?);
     if tokens.is_empty() && !config.admin_listen.ip().is_loopback() {
@@ -100,9 +167,6 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
         }
         None => None,
     };
-
-    let mut terms = signal(SignalKind::terminate()).map_err(ServeError::Signal)?;
-    let mut interrupts = signal(SignalKind::interrupt()).map_err(ServeError::Signal)?;
 
     let (stop_proxy, proxy_shutdown) = shutdown_pair();
     let (stop_rest, rest_shutdown) = shutdown_pair();
@@ -175,45 +239,24 @@ pub async fn run(config_path: &Path) -> Result<(), ServeError> {
 
     readiness.set(true);
     tracing::info!(%proxy_addr, https_addr = ?https_addr, %admin_addr, routes = config.routes.len(), "switchyard is serving");
-    // One machine-readable line on stdout, so scripts and tests that asked for port 0 can
-    // find the ports without parsing logs.
-    let mut listening = serde_json::json!({ "event": "listening", "http": proxy_addr.to_string(), "admin": admin_addr.to_string() });
-    if let Some(addr) = https_addr {
-        listening["https"] = serde_json::Value::from(addr.to_string());
-    }
-    println!("{listening}");
-
-    tokio::select! {
-        _ = terms.recv() => tracing::info!("SIGTERM: draining"),
-        _ = interrupts.recv() => tracing::info!("SIGINT: draining"),
-    }
-    // Readiness goes first so load balancers stop sending before the listener closes.
-    readiness.set(false);
-    if !config.drain_delay.is_zero() {
-        tokio::time::sleep(config.drain_delay).await;
-    }
-    stop_proxy.trigger();
-    // Both listeners drain at once, each within shutdown_timeout.
-    let _ = proxy_task.await;
-    if let Some(task) = https_task {
-        let _ = task.await;
-    }
-    stop_rest.trigger();
-    let _ = admin_task.await;
-    let _ = reloader.await;
-    if let Some(task) = cert_reloader {
-        let _ = task.await;
-    }
-    let _ = store_sync.await;
-    let _ = monitor.await;
-    let _ = prober.await;
-    for w in samplers {
-        let _ = w.await;
-    }
-    for w in sync_workers {
-        let _ = w.await;
-    }
-    let _ = rollouts.await;
-    tracing::info!("switchyard stopped");
-    Ok(())
+    let mut proxy_tasks = vec![joined(proxy_task)];
+    proxy_tasks.extend(https_task.map(joined));
+    // The order is the drain order: admin first, then the jobs.
+    let mut rest_tasks = vec![joined(admin_task), joined(reloader)];
+    rest_tasks.extend(cert_reloader.map(joined));
+    rest_tasks.extend([joined(store_sync), joined(monitor), joined(prober)]);
+    rest_tasks.extend(samplers.into_iter().map(joined));
+    rest_tasks.extend(sync_workers.into_iter().map(joined));
+    rest_tasks.push(joined(rollouts));
+    Ok(Running {
+        http: proxy_addr,
+        admin: admin_addr,
+        https: https_addr,
+        drain_delay: config.drain_delay,
+        readiness,
+        stop_proxy,
+        stop_rest,
+        proxy_tasks,
+        rest_tasks,
+    })
 }
