@@ -84,6 +84,11 @@ fn change_table(plan: &Plan, side: &Side) -> Vec<String> {
                 "CREATE TABLE IF NOT EXISTS {t} (seq BIGSERIAL PRIMARY KEY, {kdefs}, changed_at BIGINT NOT NULL)"
             ),
             format!("CREATE INDEX IF NOT EXISTS {t}_k ON {t} ({klist})"),
+            // Drained after every batch: vacuumed by row count, not by share, so a table that
+            // once held a large backlog does not stay bloated (and sequentially scanned).
+            format!(
+                "ALTER TABLE {t} SET (autovacuum_vacuum_scale_factor = 0, autovacuum_vacuum_threshold = 5000, autovacuum_vacuum_insert_threshold = 5000)"
+            ),
         ],
         Engine::MySql => vec![format!(
             "CREATE TABLE IF NOT EXISTS {t} (seq BIGINT AUTO_INCREMENT PRIMARY KEY, {kdefs}, \

@@ -512,7 +512,8 @@ impl SyncWorker {
                 direction: dir.label(),
             })
             .inc_by(changes);
-        Ok(batch.seqs.len() == BATCH)
+        // Anything read means more may be waiting: look again at once, sleep only when idle.
+        Ok(true)
     }
 }
 
