@@ -22,6 +22,9 @@ for db in $SRC $DST; do
     -c "VACUUM ANALYZE users"
 done
 cat > "$WORK/c.yaml" <<YAML
+listen: { http: "127.0.0.1:0" }
+admin: { listen: "127.0.0.1:0" }
+state: { url: "sqlite://$WORK/state.db" }
 backends: { m: { endpoints: ["http://127.0.0.1:9"] } }
 default_backend: m
 sync:
@@ -32,7 +35,7 @@ YAML
 run() { # prints seconds and exit code
   local start end code
   start=$(date +%s.%N)
-  set +e; "$BIN" consistency check --config "$WORK/c.yaml" --sync users --output json > "$WORK/out.json"; code=$?; set -e
+  set +e; "$BIN" consistency check --config "$WORK/c.yaml" --sync users --output json > "$WORK/out.json" 2> "$WORK/err.txt"; code=$?; set -e
   end=$(date +%s.%N)
   echo "$(echo "$end - $start" | bc) $code"
 }
@@ -44,6 +47,7 @@ psql -q "$PG/$DST" \
   -c "DELETE FROM users WHERE id IN ($((ROWS/13)), $((ROWS*3/4)))" \
   -c "INSERT INTO users VALUES ($((ROWS+77)), 'ghost', 0, 0, now(), NULL)"
 read -r diff_s diff_code < <(run)
+cat "$WORK/err.txt" >&2
 found=$(python3 -c "import json;r=json.load(open('$WORK/out.json'));print(len(r['missing_in_target'])+len(r['extra_in_target'])+len(r['different']))")
 printf '\n%-44s %12s %6s\n' "full check, PostgreSQL vs PostgreSQL" "seconds" "exit"
 printf '%-44s %12.2f %6s\n' "$ROWS equal rows" "$equal_s" "$equal_code"
