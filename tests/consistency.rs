@@ -351,3 +351,34 @@ async fn repair_requeues_differences_through_the_worker() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_is_down_makes_the_figures_stale() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(USERS).await;
+    dst.exec(USERS).await;
+    fill(&src, 100).await;
+    fill(&dst, 100).await;
+    let (_dir, path) = write_config(&pair_yaml(&src, &dst, "id", "", "200/s"));
+    let proxy = Switchyard::start_file(&path);
+    sampler_agrees(&proxy, 20).await;
+    dst.pg_stop().await;
+    eventually(
+        Duration::from_secs(20),
+        "stale figures with the error",
+        || async {
+            let s = sampled(&proxy).await;
+            s["stale"] == true
+                && !s["last_error"].is_null()
+                && s["age_seconds"].as_f64().unwrap() > 5.0
+        },
+    )
+    .await;
+    dst.pg_start().await;
+    eventually(Duration::from_secs(20), "fresh again", || async {
+        let s = sampled(&proxy).await;
+        s["stale"] == false && s["last_error"].is_null()
+    })
+    .await;
+}

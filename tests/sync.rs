@@ -452,7 +452,7 @@ async fn mysql_to_pg_types_arrive_intact() {
     .await;
     dst.exec(
         "CREATE TABLE users (id INT PRIMARY KEY, active BOOLEAN, seen TIMESTAMP(6), \
-         balance NUMERIC(12,3), bio TEXT, nick VARCHAR(20))",
+         balance NUMERIC(12,3), bio TEXT, nickname VARCHAR(20))",
     )
     .await;
     src.exec(
@@ -462,7 +462,13 @@ async fn mysql_to_pg_types_arrive_intact() {
          (3, NULL, NULL, NULL, '', 'x')",
     )
     .await;
-    let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
+    // `nick` is renamed `nickname` by the new service.
+    let (_dir, path) = write_config(&pair_yaml(
+        "users",
+        &src,
+        &dst,
+        "    columns: { nick: nickname }\n",
+    ));
     install(&path);
     let _proxy = Switchyard::start_file(&path);
     src.exec("INSERT INTO users VALUES (4, 1, '2030-01-01 12:00:00.5', 0.5, 'ß', 'emptybio')")
@@ -501,14 +507,14 @@ async fn mysql_to_pg_types_arrive_intact() {
         .collect();
     eventually(Duration::from_secs(15), "typed rows in PostgreSQL", || async {
         let got = dst.rows(
-            "SELECT id::text, active::text, seen::text, balance::text, bio, nick FROM users ORDER BY users.id",
+            "SELECT id::text, active::text, seen::text, balance::text, bio, nickname FROM users ORDER BY users.id",
         )
         .await;
         if got != expected {
             eprintln!("got {got:?}");
         }
         dst.rows(
-            "SELECT id::text, active::text, seen::text, balance::text, bio, nick FROM users ORDER BY users.id",
+            "SELECT id::text, active::text, seen::text, balance::text, bio, nickname FROM users ORDER BY users.id",
         )
         .await
             == expected

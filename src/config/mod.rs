@@ -265,8 +265,21 @@ pub struct FailoverSpec {
 pub struct RolloutSpec {
     pub steps: Vec<Weight>,
     pub bake: Duration,
+    /// A step's own bake (`{ weight: 25, bake: 5m }`), by step index; `None`: `bake`.
+    pub step_bakes: Vec<Option<Duration>>,
     pub gates: Gates,
     pub webhooks: Vec<Webhook>,
+}
+
+impl RolloutSpec {
+    /// How long step `index` bakes.
+    pub fn bake_at(&self, index: usize) -> Duration {
+        self.step_bakes
+            .get(index)
+            .copied()
+            .flatten()
+            .unwrap_or(self.bake)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -315,4 +328,38 @@ pub struct ConsistencySpec {
     /// Keys sampled per second.
     pub sample_rate: f64,
     pub window: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "listen: { http: 127.0.0.1:8080 }\nbackends:\n  a: { endpoints: [ \"http://127.0.0.1:9001\" ] }\n  b: { endpoints: [ \"http://127.0.0.1:9002\" ] }\ndefault_backend: a\nroutes:\n  - name: users\n    match: { path_prefix: /api/users }\n    legacy: a\n    target: b\n    split: { percentage: { weight: 0 } }\n";
+
+    #[test]
+    fn a_step_may_bake_for_its_own_time() {
+        let text = format!(
+            "{BASE}    rollout:\n      steps: [1, {{ weight: 25, bake: 10m }}, 100]\n      bake: 30s\n"
+        );
+        let config = parse(&text, Path::new("t.yaml")).unwrap();
+        let spec = config.policies[0].rollout.as_ref().unwrap();
+        assert_eq!(spec.steps.len(), 3);
+        assert_eq!(spec.bake_at(0), Duration::from_secs(30));
+        assert_eq!(spec.bake_at(1), Duration::from_secs(600));
+        assert_eq!(spec.bake_at(2), Duration::from_secs(30));
+        // Past the last step (blue-green walks have their own count): the rollout's bake.
+        assert_eq!(spec.bake_at(7), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn a_step_bake_is_checked_like_any_duration() {
+        let text = format!("{BASE}    rollout:\n      steps: [1, {{ weight: 25, bake: soon }}]\n");
+        let problems = parse(&text, Path::new("t.yaml")).unwrap_err();
+        assert!(
+            problems
+                .iter()
+                .any(|d| d.to_string().contains("t.yaml:13:")),
+            "{problems:?}"
+        );
+    }
 }

@@ -297,13 +297,28 @@ pub struct RawFailover {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRollout {
-    pub steps: Vec<f64>,
+    pub steps: Vec<RawStep>,
     #[serde(default)]
     pub bake: Option<String>,
     #[serde(default)]
     pub gates: Option<RawGates>,
     #[serde(default)]
     pub webhooks: Vec<RawWebhook>,
+}
+
+/// A rollout step: a weight, or a weight with a bake of its own.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawStep {
+    Weight(f64),
+    WithBake(RawStepWithBake),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStepWithBake {
+    pub weight: f64,
+    pub bake: String,
 }
 
 #[derive(Debug, Deserialize)]

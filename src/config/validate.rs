@@ -1027,7 +1027,28 @@ fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
     });
     let rollout = rr.rollout.as_ref().map(|r| {
         let p = format!("{path}.rollout");
-        let steps: Vec<Weight> = r.steps.iter().enumerate().map(|(i, s)| c.weight(&format!("{p}.steps[{i}]"), *s)).collect();
+        let steps: Vec<Weight> = r
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                RawStep::Weight(w) => c.weight(&format!("{p}.steps[{i}]"), *w),
+                RawStep::WithBake(s) => c.weight(&format!("{p}.steps[{i}].weight"), s.weight),
+            })
+            .collect();
+        let step_bakes: Vec<Option<Duration>> = r
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| match s {
+                RawStep::Weight(_) => None,
+                RawStep::WithBake(s) => Some(c.duration(
+                    &format!("{p}.steps[{i}].bake"),
+                    Some(&s.bake),
+                    Duration::from_secs(120),
+                )),
+            })
+            .collect();
         if steps.is_empty() {
             c.error(&format!("{p}.steps"), "a rollout needs at least one step");
         }
@@ -1062,6 +1083,7 @@ fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
         RolloutSpec {
             steps,
             bake: c.duration(&format!("{p}.bake"), r.bake.as_deref(), Duration::from_secs(120)),
+            step_bakes,
             gates,
             webhooks,
         }

@@ -263,25 +263,11 @@ async fn pending(plan: &Plan, keys: &[&Key]) -> Result<HashSet<Key>, Consistency
     for side in sides {
         let e = side.engine();
         let ks: Vec<String> = (1..=plan.key_len).map(|i| format!("k{i}")).collect();
-        let mut p = 0;
-        let tuples: Vec<String> = keys
-            .iter()
-            .map(|_| {
-                let v: Vec<String> = (0..plan.key_len)
-                    .map(|_| {
-                        p += 1;
-                        e.param(p)
-                    })
-                    .collect();
-                format!("({})", v.join(", "))
-            })
-            .collect();
         let sql = format!(
-            "SELECT {} FROM {} WHERE ({}) IN ({})",
+            "SELECT {} FROM {} WHERE {}",
             ks.join(", "),
             plan.change_table(),
-            ks.join(", "),
-            tuples.join(", ")
+            crate::sync::apply::chg_key_in(e, plan.key_len, keys.len(), 1)
         );
         let mut q = sqlx::query(AssertSqlSafe(sql));
         for k in keys {

@@ -61,10 +61,16 @@ fn opt_text(row: &sqlx::any::AnyRow, i: usize) -> Result<Option<String>, sqlx::E
     row.try_get::<Option<String>, _>(i)
 }
 
-/// `(k1, k2) IN ((…), (…))` over `n` keys, with parameters numbered from `first`.
-fn key_in(side: &Side, key_len: usize, cols: &[String], n: usize, first: usize) -> String {
-    let e = side.engine();
-    let lhs = if key_len == 1 {
+/// `lhs IN (tuples)` over `n` keys of `cols.len()` columns, parameters numbered from `first`;
+/// `param(n, i)` spells the placeholder of parameter `n` for key column `i`.
+fn in_list(
+    cols: &[String],
+    n: usize,
+    first: usize,
+    param: impl Fn(usize, usize) -> String,
+) -> String {
+    let one = cols.len() == 1;
+    let lhs = if one {
         cols[0].clone()
     } else {
         format!("({})", cols.join(", "))
@@ -72,14 +78,14 @@ fn key_in(side: &Side, key_len: usize, cols: &[String], n: usize, first: usize) 
     let mut p = first;
     let tuples: Vec<String> = (0..n)
         .map(|_| {
-            let vals: Vec<String> = (0..key_len)
+            let vals: Vec<String> = (0..cols.len())
                 .map(|i| {
-                    let s = e.typed_param(p, &side.cols[i].decl);
+                    let s = param(p, i);
                     p += 1;
                     s
                 })
                 .collect();
-            if key_len == 1 {
+            if one {
                 vals[0].clone()
             } else {
                 format!("({})", vals.join(", "))
@@ -89,32 +95,18 @@ fn key_in(side: &Side, key_len: usize, cols: &[String], n: usize, first: usize) 
     format!("{lhs} IN ({})", tuples.join(", "))
 }
 
-/// Change-table variant: key columns are plain text, compared byte for byte.
-fn chg_key_in(e: Engine, key_len: usize, n: usize, first: usize) -> String {
+/// The key columns of a table, compared in the column's own type.
+fn key_in(side: &Side, key_len: usize, cols: &[String], n: usize, first: usize) -> String {
+    let e = side.engine();
+    in_list(&cols[..key_len], n, first, |p, i| {
+        e.typed_param(p, &side.cols[i].decl)
+    })
+}
+
+/// The key columns of a change table: plain text, compared byte for byte.
+pub fn chg_key_in(e: Engine, key_len: usize, n: usize, first: usize) -> String {
     let cols: Vec<String> = (1..=key_len).map(|i| format!("k{i}")).collect();
-    let lhs = if key_len == 1 {
-        cols[0].clone()
-    } else {
-        format!("({})", cols.join(", "))
-    };
-    let mut p = first;
-    let tuples: Vec<String> = (0..n)
-        .map(|_| {
-            let vals: Vec<String> = (0..key_len)
-                .map(|_| {
-                    let s = e.param(p);
-                    p += 1;
-                    s
-                })
-                .collect();
-            if key_len == 1 {
-                vals[0].clone()
-            } else {
-                format!("({})", vals.join(", "))
-            }
-        })
-        .collect();
-    format!("{lhs} IN ({})", tuples.join(", "))
+    in_list(&cols, n, first, |p, _| e.param(p))
 }
 
 const KEYS_PER_QUERY: usize = 1000;

@@ -82,6 +82,13 @@ pub struct SyncLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct SyncBackfillLabels {
+    pub sync: String,
+    /// `copied` or `total`.
+    pub rows: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct SyncDirectionLabels {
     pub sync: String,
     pub direction: &'static str,
@@ -189,6 +196,7 @@ pub struct Metrics {
     pub sync_lag: Family<SyncLabels, Gauge<f64, AtomicU64>>,
     pub sync_changes: Family<SyncDirectionLabels, Counter>,
     pub consistency_ratio: Family<SyncLabels, Gauge<f64, AtomicU64>>,
+    pub sync_backfill: Family<SyncBackfillLabels, Gauge>,
     pub rollout_step: Family<RouteLabels, Gauge>,
     pub rollout_gate: Family<GateLabels, Gauge<f64, AtomicU64>>,
     pub rollout_gate_passing: Family<GateLabels, Gauge>,
@@ -214,6 +222,12 @@ impl Metrics {
         let sync_lag = Family::<SyncLabels, Gauge<f64, AtomicU64>>::default();
         let sync_changes = Family::<SyncDirectionLabels, Counter>::default();
         let consistency_ratio = Family::<SyncLabels, Gauge<f64, AtomicU64>>::default();
+        let sync_backfill = Family::<SyncBackfillLabels, Gauge>::default();
+        registry.register(
+            "sync_backfill_rows",
+            "Backfill progress of a sync pair: rows copied and rows to copy",
+            sync_backfill.clone(),
+        );
         registry.register(
             "sync_lag_seconds",
             "Time from a change's commit on one side to its commit on the other",
@@ -305,6 +319,7 @@ impl Metrics {
             sync_lag,
             sync_changes,
             consistency_ratio,
+            sync_backfill,
             rollout_step,
             rollout_gate,
             rollout_gate_passing,

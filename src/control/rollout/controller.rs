@@ -311,7 +311,7 @@ impl RolloutController {
         let decision = super::tick(
             &current,
             &subject.walk,
-            subject.spec.bake,
+            subject.spec.bake_at(record.step),
             &evaluation,
             subject.rolled_back.as_deref(),
             elapsed,
