@@ -625,3 +625,56 @@ routes:\n  - name: users\n    match: {{ path_prefix: /api/users }}\n    legacy: 
     let route: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(route["active"]["in_force"], "target", "{route}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_shared_postgres_store_one_replica_leads_and_another_takes_over() {
+    let legacy = Backend::start("legacy").await;
+    let target = Backend::start("target").await;
+    let store = support::db::TestDb::new(support::db::Kind::Pg).await;
+    let text = format!(
+        "state: {{ url: \"{}\" }}\n{}",
+        store.url(),
+        config(
+            &legacy.url(),
+            &target.url(),
+            "      steps: [10, 50, 100]\n      bake: 1500ms\n",
+            "",
+        )
+    );
+    let (_dir, path) = write_config(&text);
+    let first = Switchyard::start_file(&path);
+    let second = Switchyard::start_file(&path);
+    command(&first, "start", "").await;
+    // Exactly one leads; the other follows the same rollout from the store.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (leader, follower) = loop {
+        let (a, b) = (rollout(&first).await, rollout(&second).await);
+        if a["leader"] != b["leader"] && a["state"] == "progressing" && b["state"] == "progressing"
+        {
+            break if a["leader"] == true {
+                (first, second)
+            } else {
+                (second, first)
+            };
+        }
+        assert!(Instant::now() < deadline, "no single leader: {a} {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    wait_state(
+        &follower,
+        Duration::from_secs(10),
+        "the follower sees step 2",
+        |v| v["step"] == 1,
+    )
+    .await;
+    drop(leader); // SIGKILL: the lease is not released
+    wait_state(
+        &follower,
+        Duration::from_secs(20),
+        "the survivor promotes",
+        |v| v["state"] == "promoted" && v["leader"] == true,
+    )
+    .await;
+    let (_, headers, _) = get(&follower.url("/api/users/1"), &[]).await;
+    assert_eq!(backend_of(&headers), Some("target"));
+}

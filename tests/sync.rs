@@ -658,3 +658,26 @@ async fn install_checks_first_and_dry_run_changes_nothing() {
         .await;
     assert_eq!(triggers, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_names_the_privileges_a_user_lacks() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(TABLE_PG).await;
+    dst.exec(TABLE_PG).await;
+    let role = format!("{}_ro", dst.name());
+    dst.admin(&format!("CREATE ROLE \"{role}\" LOGIN")).await;
+    dst.exec(&format!("GRANT SELECT ON users TO \"{role}\""))
+        .await;
+    let yaml = pair_yaml("users", &src, &dst, "").replace(&dst.url(), &dst.url_as(&role));
+    let (_dir, path) = write_config(&yaml);
+    let (ok, out, err) = sync_cli(&path, &["install"]);
+    dst.exec(&format!("REVOKE ALL ON users FROM \"{role}\""))
+        .await;
+    dst.admin(&format!("DROP ROLE \"{role}\"")).await;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("the target user lacks INSERT, UPDATE, DELETE, TRIGGER on `users`"),
+        "{err}"
+    );
+}

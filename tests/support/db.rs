@@ -193,6 +193,25 @@ impl TestDb {
         .unwrap();
     }
 
+    /// Runs `sql` on the server's maintenance database (roles, database settings).
+    pub async fn admin(&self, sql: &str) {
+        admin_exec(self.kind, &self.base, sql)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// This database's URL as another user (PostgreSQL trust auth, MariaDB without password).
+    pub fn url_as(&self, user: &str) -> String {
+        let url = self.url();
+        match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let rest = rest.split_once('@').map_or(rest, |(_, r)| r);
+                format!("{scheme}://{user}@{rest}")
+            }
+            None => url,
+        }
+    }
+
     pub async fn pg_start(&self) {
         admin_exec(
             Kind::Pg,
