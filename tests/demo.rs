@@ -212,3 +212,54 @@ fn printed_config_passes_check() {
         );
     }
 }
+
+/// Four consecutive free loopback ports, found by binding them (never a fixed number).
+fn free_port_run() -> u16 {
+    for _ in 0..200 {
+        let base: u16 = 20_000 + (rand::random::<u16>() % 30_000);
+        let held: Vec<_> = (0..4)
+            .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).ok())
+            .collect();
+        if held.len() == 4 {
+            return base;
+        }
+    }
+    panic!("no run of four free ports found");
+}
+
+#[test]
+fn a_port_base_puts_every_listener_on_known_ports() {
+    let base = free_port_run();
+    let base_text = base.to_string();
+    let (mut child, rx) = spawn(&["--duration", "30s", "--no-fault", "--port", &base_text]);
+    let mut seen = Vec::new();
+    let found = read_until(
+        &rx,
+        Duration::from_secs(60),
+        |l| l.starts_with("admin:"),
+        &mut seen,
+    );
+    // SIGTERM: the demo stops and removes its temporary folder.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    wait_exit(&mut child, Duration::from_secs(30));
+    assert!(found, "{seen:#?}");
+    let text = seen.join("\n");
+    assert!(
+        text.contains(&format!("proxy: http://127.0.0.1:{base}")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("admin: http://127.0.0.1:{} ", base + 1)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("legacy app: http://127.0.0.1:{} ", base + 2)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("users-v2 app: http://127.0.0.1:{} ", base + 3)),
+        "{text}"
+    );
+}
