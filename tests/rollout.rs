@@ -31,9 +31,7 @@ fn squash(text: &str) -> String {
 }
 
 async fn rollout(proxy: &Switchyard) -> Value {
-    let (status, body) = admin_call(proxy, "GET", "/v1/rollouts/users", "").await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
+    rollout_view(proxy, "users").await
 }
 
 async fn command(proxy: &Switchyard, verb: &str, body: &str) -> Value {
@@ -49,18 +47,7 @@ async fn wait_state(
     what: &str,
     f: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let view = rollout(proxy).await;
-        if f(&view) {
-            return view;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {view:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_rollout(proxy, "users", within, what, f).await
 }
 
 /// `ctl rollout wait` in a thread of its own, so the test can act while it waits.

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use support::db::{Kind, TestDb};
@@ -31,30 +31,13 @@ consistency:\n  - {{ sync: users, sample_rate: 500/s, window: 1m }}\n",
     )
 }
 
-async fn rollout(proxy: &Switchyard) -> Value {
-    let (status, body) = admin_call(proxy, "GET", "/v1/rollouts/users", "").await;
-    assert_eq!(status, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
 async fn wait_for(
     proxy: &Switchyard,
     within: Duration,
     what: &str,
     f: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let view = rollout(proxy).await;
-        if f(&view) {
-            return view;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {view:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_rollout(proxy, "users", within, what, f).await
 }
 
 fn gate<'a>(view: &'a Value, name: &str) -> &'a Value {
@@ -135,22 +118,43 @@ async fn sync_lag_above_the_gate_holds_the_step_until_it_recovers() {
     .await;
     let g = gate(&held, "max_sync_lag:users");
     assert!(g["figure"].as_f64().unwrap() > 0.3, "{g}");
-    // Held for well over a bake: still the first step.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let view = rollout(&proxy).await;
+    // The waiting change was written just before the start: a lag past 2.5 s means the
+    // step has been held for more than two bakes.
+    let view = wait_for(&proxy, Duration::from_secs(15), "a lag past 2.5 s", |v| {
+        v["gates"].as_array().is_some_and(|g| {
+            g.iter().any(|g| {
+                g["name"] == "max_sync_lag:users" && g["figure"].as_f64().is_some_and(|f| f > 2.5)
+            })
+        })
+    })
+    .await;
     assert_eq!(
         view["step"], 0,
         "advanced while the lag gate failed: {view:#}"
     );
     assert_eq!(view["state"], "progressing");
+    let released = std::time::SystemTime::now();
     lock.rollback().await.unwrap();
-    wait_for(
+    let done = wait_for(
         &proxy,
         Duration::from_secs(15),
         "promotion after the lag recovered",
         |v| v["state"] == "promoted",
     )
     .await;
+    // The first step change came only once the lag could recover: the gate held until then,
+    // however long the lock lasted.
+    let first_step = done["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["event"] == "step")
+        .unwrap_or_else(|| panic!("no step in the history: {done:#}"));
+    let at = humantime::parse_rfc3339(first_step["at"].as_str().unwrap()).unwrap();
+    assert!(
+        at >= released,
+        "stepped while the lag gate failed: {done:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -86,6 +86,15 @@ async fn burst(db: &TestDb, base: i64, n: i64) {
     }
 }
 
+/// Two fresh PostgreSQL databases, each with an empty `users` table.
+async fn pg_pair() -> (TestDb, TestDb) {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(TABLE_PG).await;
+    dst.exec(TABLE_PG).await;
+    (src, dst)
+}
+
 fn pair_yaml(name: &str, src: &TestDb, dst: &TestDb, extra: &str) -> String {
     format!(
         "backends:\n  m: {{ endpoints: [\"http://127.0.0.1:9\"] }}\ndefault_backend: m\nsync:\n  - name: {name}\n    source: {{ url: \"{}\", table: users, key: [id] }}\n    target: {{ url: \"{}\", table: users, key: [id] }}\n{extra}",
@@ -184,10 +193,7 @@ async fn sqlite_to_sqlite_backfill_and_burst_end_equal() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_during_backfill_are_kept_and_never_overwritten() {
-    let src = TestDb::new(Kind::Pg).await;
-    let dst = TestDb::new(Kind::Pg).await;
-    src.exec(TABLE_PG).await;
-    dst.exec(TABLE_PG).await;
+    let (src, dst) = pg_pair().await;
     fill(&src, 1, 60_000).await;
     let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
     install(&path);
@@ -224,10 +230,7 @@ async fn writes_during_backfill_are_kept_and_never_overwritten() {
 /// Changes made while no worker runs, then a worker that aborts at `failpoint`, then a clean
 /// restart: the tables end equal and every captured change was applied exactly once.
 async fn crash_at(failpoint: &str) {
-    let src = TestDb::new(Kind::Pg).await;
-    let dst = TestDb::new(Kind::Pg).await;
-    src.exec(TABLE_PG).await;
-    dst.exec(TABLE_PG).await;
+    let (src, dst) = pg_pair().await;
     fill(&src, 1, 3000).await;
     let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
     install(&path);
@@ -279,10 +282,7 @@ async fn crash_after_the_target_commit_applies_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_in_the_middle_of_a_backfill_chunk_resumes() {
-    let src = TestDb::new(Kind::Pg).await;
-    let dst = TestDb::new(Kind::Pg).await;
-    src.exec(TABLE_PG).await;
-    dst.exec(TABLE_PG).await;
+    let (src, dst) = pg_pair().await;
     fill(&src, 1, 23_000).await;
     let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
     install(&path);
@@ -310,10 +310,7 @@ async fn crash_in_the_middle_of_a_backfill_chunk_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_that_commits_late_is_not_skipped() {
-    let src = TestDb::new(Kind::Pg).await;
-    let dst = TestDb::new(Kind::Pg).await;
-    src.exec(TABLE_PG).await;
-    dst.exec(TABLE_PG).await;
+    let (src, dst) = pg_pair().await;
     let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
     install(&path);
     let _proxy = Switchyard::start_file(&path);
@@ -528,10 +525,7 @@ async fn mysql_to_pg_types_arrive_intact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_database_down_and_back_loses_nothing() {
-    let src = TestDb::new(Kind::Pg).await;
-    let dst = TestDb::new(Kind::Pg).await;
-    src.exec(TABLE_PG).await;
-    dst.exec(TABLE_PG).await;
+    let (src, dst) = pg_pair().await;
     fill(&src, 1, 1000).await;
     let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
     install(&path);
@@ -561,10 +555,7 @@ async fn source_database_down_and_back_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_holds_the_lease_and_another_takes_over() {
-    let src = TestDb::new(Kind::Pg).await;
-    let dst = TestDb::new(Kind::Pg).await;
-    src.exec(TABLE_PG).await;
-    dst.exec(TABLE_PG).await;
+    let (src, dst) = pg_pair().await;
     let (_dir, path) = write_config(&pair_yaml("users", &src, &dst, ""));
     install(&path);
     let first = Switchyard::start_file(&path);
@@ -661,10 +652,7 @@ async fn install_checks_first_and_dry_run_changes_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn install_names_the_privileges_a_user_lacks() {
-    let src = TestDb::new(Kind::Pg).await;
-    let dst = TestDb::new(Kind::Pg).await;
-    src.exec(TABLE_PG).await;
-    dst.exec(TABLE_PG).await;
+    let (src, dst) = pg_pair().await;
     let role = format!("{}_ro", dst.name());
     dst.admin(&format!("CREATE ROLE \"{role}\" LOGIN")).await;
     dst.exec(&format!("GRANT SELECT ON users TO \"{role}\""))

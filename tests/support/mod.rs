@@ -585,3 +585,32 @@ pub fn ctl(proxy: &Switchyard, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// `GET /v1/rollouts/{route}`, which must answer 200.
+pub async fn rollout_view(proxy: &Switchyard, route: &str) -> serde_json::Value {
+    let (status, body) = admin_call(proxy, "GET", &format!("/v1/rollouts/{route}"), "").await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Polls a route's rollout view until `f` holds; panics with the last view after `within`.
+pub async fn wait_rollout(
+    proxy: &Switchyard,
+    route: &str,
+    within: Duration,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let view = rollout_view(proxy, route).await;
+        if f(&view) {
+            return view;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {view:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
