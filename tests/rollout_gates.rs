@@ -72,18 +72,27 @@ async fn pair() -> (TestDb, TestDb) {
     (src, dst)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sync_lag_above_the_gate_holds_the_step_until_it_recovers() {
+/// Everything one test runs on: backends, a backfilled PostgreSQL pair, a serving proxy.
+struct Setup {
+    _legacy: Backend,
+    _target: Backend,
+    src: TestDb,
+    dst: TestDb,
+    _dir: tempfile::TempDir,
+    proxy: Switchyard,
+}
+
+async fn setup(rollback: &str, gates: &str) -> Setup {
     let legacy = Backend::start("legacy").await;
     let target = Backend::start("target").await;
     let (src, dst) = pair().await;
-    let (_dir, path) = write_config(&config(
+    let (dir, path) = write_config(&config(
         &legacy.url(),
         &target.url(),
         &src,
         &dst,
-        "",
-        "max_sync_lag: 300ms",
+        rollback,
+        gates,
     ));
     install(&path);
     let proxy = Switchyard::start_file(&path);
@@ -91,6 +100,20 @@ async fn sync_lag_above_the_gate_holds_the_step_until_it_recovers() {
         dst.count("users").await == 400
     })
     .await;
+    Setup {
+        _legacy: legacy,
+        _target: target,
+        src,
+        dst,
+        _dir: dir,
+        proxy,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_lag_above_the_gate_holds_the_step_until_it_recovers() {
+    let t = setup("", "max_sync_lag: 300ms").await;
+    let (src, dst, proxy) = (&t.src, &t.dst, &t.proxy);
     // The worker cannot apply while the target table is locked: its lag grows.
     let mut lock = dst.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
@@ -99,10 +122,10 @@ async fn sync_lag_above_the_gate_holds_the_step_until_it_recovers() {
         .unwrap();
     src.exec("UPDATE users SET score = score + 1 WHERE id = 7")
         .await;
-    let (status, body) = admin_call(&proxy, "POST", "/v1/rollouts/users/start", "").await;
+    let (status, body) = admin_call(proxy, "POST", "/v1/rollouts/users/start", "").await;
     assert_eq!(status, 200, "{body}");
     let held = wait_for(
-        &proxy,
+        proxy,
         Duration::from_secs(10),
         "the lag gate to hold",
         |v| {
@@ -120,7 +143,7 @@ async fn sync_lag_above_the_gate_holds_the_step_until_it_recovers() {
     assert!(g["figure"].as_f64().unwrap() > 0.3, "{g}");
     // The waiting change was written just before the start: a lag past 2.5 s means the
     // step has been held for more than two bakes.
-    let view = wait_for(&proxy, Duration::from_secs(15), "a lag past 2.5 s", |v| {
+    let view = wait_for(proxy, Duration::from_secs(15), "a lag past 2.5 s", |v| {
         v["gates"].as_array().is_some_and(|g| {
             g.iter().any(|g| {
                 g["name"] == "max_sync_lag:users" && g["figure"].as_f64().is_some_and(|f| f > 2.5)
@@ -136,7 +159,7 @@ async fn sync_lag_above_the_gate_holds_the_step_until_it_recovers() {
     let released = std::time::SystemTime::now();
     lock.rollback().await.unwrap();
     let done = wait_for(
-        &proxy,
+        proxy,
         Duration::from_secs(15),
         "promotion after the lag recovered",
         |v| v["state"] == "promoted",
@@ -159,23 +182,13 @@ async fn sync_lag_above_the_gate_holds_the_step_until_it_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_mismatch_holds_then_rolls_back_for_data_integrity() {
-    let legacy = Backend::start("legacy").await;
-    let target = Backend::start("target").await;
-    let (src, dst) = pair().await;
-    let (_dir, path) = write_config(&config(
-        &legacy.url(),
-        &target.url(),
-        &src,
-        &dst,
-        "    rollback: { min_consistency: 0.8, window: 10s }\n",
+    let t = setup(
+        "    rollback: { min_consistency: 0.8, window: 10s }
+",
         "min_consistency: 0.995",
-    ));
-    install(&path);
-    let proxy = Switchyard::start_file(&path);
-    eventually(Duration::from_secs(20), "backfill done", || async {
-        dst.count("users").await == 400
-    })
+    )
     .await;
+    let (dst, proxy) = (&t.dst, &t.proxy);
     // 3% of the rows differ on the target: below the gate, above the rollback limit.
     for id in (1..=400).step_by(33) {
         dst.exec(&format!(
@@ -203,10 +216,10 @@ async fn a_data_mismatch_holds_then_rolls_back_for_data_integrity() {
                 .unwrap()
         })
     };
-    let (status, body) = admin_call(&proxy, "POST", "/v1/rollouts/users/start", "").await;
+    let (status, body) = admin_call(proxy, "POST", "/v1/rollouts/users/start", "").await;
     assert_eq!(status, 200, "{body}");
     let held = wait_for(
-        &proxy,
+        proxy,
         Duration::from_secs(20),
         "the consistency gate to hold",
         |v| {
@@ -229,13 +242,13 @@ async fn a_data_mismatch_holds_then_rolls_back_for_data_integrity() {
         .await;
     }
     let done = wait_for(
-        &proxy,
+        proxy,
         Duration::from_secs(30),
         "a data_integrity rollback",
         |v| v["state"] == "rolled_back",
     )
     .await;
-    let (_, route) = admin_call(&proxy, "GET", "/v1/routes/users", "").await;
+    let (_, route) = admin_call(proxy, "GET", "/v1/routes/users", "").await;
     assert!(route.contains("data_integrity"), "{route} {done:#}");
     let out = waiter.join().unwrap();
     assert_eq!(

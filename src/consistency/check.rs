@@ -383,12 +383,7 @@ pub async fn requeue(plan: &Plan, keys: &[Vec<String>]) -> Result<usize, Consist
             ks.join(", "),
             tuples.join(", ")
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for k in chunk {
-            for v in k {
-                q = q.bind(v.as_str());
-            }
-        }
+        let q = crate::sync::apply::with_keys(&sql, chunk.iter().map(|k| k.as_slice()));
         q.execute(&plan.source.db.pool)
             .await
             .map_err(query_err("re-queueing keys into the change table"))?;

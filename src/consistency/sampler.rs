@@ -269,12 +269,7 @@ async fn pending(plan: &Plan, keys: &[&Key]) -> Result<HashSet<Key>, Consistency
             plan.change_table(),
             crate::sync::apply::chg_key_in(e, plan.key_len, keys.len(), 1)
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for k in keys {
-            for v in k.iter() {
-                q = q.bind(v.as_str());
-            }
-        }
+        let q = crate::sync::apply::with_keys(&sql, keys.iter().map(|k| k.as_slice()));
         // No capture table (not installed yet) means nothing is known to be in flight.
         let Ok(rows) = q.fetch_all(&side.db.pool).await else {
             continue;

@@ -109,6 +109,21 @@ pub fn chg_key_in(e: Engine, key_len: usize, n: usize, first: usize) -> String {
     in_list(&cols, n, first, |p, _| e.param(p))
 }
 
+/// A query with every column of every key bound, in order (the placeholders come from
+/// `key_in` / `chg_key_in`).
+pub fn with_keys<'q, K: AsRef<[String]> + 'q>(
+    sql: &'q str,
+    keys: impl IntoIterator<Item = K>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments> {
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for k in keys {
+        for v in k.as_ref() {
+            q = q.bind(v.clone());
+        }
+    }
+    q
+}
+
 const KEYS_PER_QUERY: usize = 1000;
 
 /// Reads up to `limit` captured changes, oldest first.
@@ -172,12 +187,7 @@ pub async fn fetch_rows(
             side.qtable(),
             key_in(side, plan.key_len, &key_cols, chunk.len(), 1)
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql.as_str()));
-        for k in chunk {
-            for v in k {
-                q = q.bind(v.as_str());
-            }
-        }
+        let q = with_keys(&sql, chunk.iter().map(|k| k.as_slice()));
         let rows = q
             .fetch_all(&mut *conn)
             .await
@@ -243,12 +253,7 @@ pub async fn read_chunk(
         side.qtable(),
         key_cols.join(", ")
     );
-    let mut q = sqlx::query(AssertSqlSafe(sql.as_str()));
-    if let Some(k) = after {
-        for v in k {
-            q = q.bind(v.as_str());
-        }
-    }
+    let q = with_keys(&sql, after.map(|k| k.as_slice()));
     let rows = q.fetch_all(&mut *conn).await.map_err(query_err(format!(
         "reading a backfill chunk of `{}`",
         side.table
@@ -411,12 +416,7 @@ pub async fn apply(
                 plan.change_table(),
                 chg_key_in(e, plan.key_len, chunk.len(), 1)
             );
-            let mut q = sqlx::query(AssertSqlSafe(sql.as_str()));
-            for k in chunk {
-                for v in k.iter() {
-                    q = q.bind(v.as_str());
-                }
-            }
+            let q = with_keys(&sql, chunk.iter().map(|k| k.as_slice()));
             let rows = q
                 .fetch_all(&mut *tx)
                 .await
@@ -494,12 +494,7 @@ pub async fn apply(
                     plan.change_table(),
                     chg_key_in(e, plan.key_len, chunk.len(), 1)
                 );
-                let mut q = sqlx::query(AssertSqlSafe(sql.as_str()));
-                for k in chunk {
-                    for v in k.iter() {
-                        q = q.bind(v.as_str());
-                    }
-                }
+                let q = with_keys(&sql, chunk.iter().map(|k| k.as_slice()));
                 q.execute(&mut *tx)
                     .await
                     .map_err(query_err("dropping overridden changes"))?;
@@ -541,12 +536,7 @@ pub async fn apply(
             to.qtable(),
             key_in(to, plan.key_len, &key_cols, chunk.len(), 1)
         );
-        let mut q = sqlx::query(AssertSqlSafe(sql.as_str()));
-        for k in chunk {
-            for v in k.iter() {
-                q = q.bind(v.as_str());
-            }
-        }
+        let q = with_keys(&sql, chunk.iter().map(|k| k.as_slice()));
         q.execute(&mut *tx)
             .await
             .map_err(query_err(format!("deleting rows from `{}`", to.table)))?;

@@ -205,6 +205,20 @@ impl TableInfo {
     }
 }
 
+/// Columns from rows of (name, declared type).
+fn column_infos(engine: Engine, rows: &[AnyRow]) -> Result<Vec<ColumnInfo>, sqlx::Error> {
+    rows.iter()
+        .map(|r| {
+            let decl = text(r, 1)?;
+            Ok(ColumnInfo {
+                kind: Kind::of_declared(engine, &decl),
+                name: text(r, 0)?,
+                decl,
+            })
+        })
+        .collect()
+}
+
 fn text(row: &AnyRow, i: usize) -> Result<String, sqlx::Error> {
     row.try_get::<Option<String>, _>(i)
         .map(|v| v.unwrap_or_default())
@@ -231,15 +245,7 @@ pub async fn inspect(db: &Db, table: &str) -> Result<Option<TableInfo>, SyncErro
             .fetch_all(&db.pool)
             .await
             .map_err(err)?;
-            for r in &rows {
-                let name = text(r, 0).map_err(err)?;
-                let decl = text(r, 1).map_err(err)?;
-                columns.push(ColumnInfo {
-                    kind: Kind::of_declared(Engine::Postgres, &decl),
-                    name,
-                    decl,
-                });
-            }
+            columns = column_infos(Engine::Postgres, &rows).map_err(err)?;
             if columns.is_empty() {
                 return Ok(None);
             }
@@ -279,15 +285,7 @@ pub async fn inspect(db: &Db, table: &str) -> Result<Option<TableInfo>, SyncErro
             .fetch_all(&db.pool)
             .await
             .map_err(err)?;
-            for r in &rows {
-                let name = text(r, 0).map_err(err)?;
-                let decl = text(r, 1).map_err(err)?;
-                columns.push(ColumnInfo {
-                    kind: Kind::of_declared(Engine::MySql, &decl),
-                    name,
-                    decl,
-                });
-            }
+            columns = column_infos(Engine::MySql, &rows).map_err(err)?;
             if columns.is_empty() {
                 return Ok(None);
             }
