@@ -583,10 +583,12 @@ fn yaml_syntax_error_has_a_position() {
     let found = problems(&path, &out);
     assert_eq!(found.len(), 1, "{}", out.stdout);
     assert_eq!((found[0].line, found[0].col), (12, 4), "{}", out.stdout);
-    assert!(
-        found[0].message.contains("did not find expected key"),
-        "{:?}",
-        found[0]
+    // In plain words: which levels it falls between and the key each would make it part of.
+    assert_eq!(
+        found[0].message,
+        "`bad` at column 4 lines up with no key above it: indent it to column 5 to make it a key \
+         of `target` like `health` on line 11, or to column 3 to make it a key of `backends` like \
+         `target`"
     );
 
     // A tab where indentation is expected.
@@ -596,6 +598,69 @@ fn yaml_syntax_error_has_a_position() {
     let found = problems(&path, &out);
     assert_eq!(found.len(), 1, "{}", out.stdout);
     assert_eq!((found[0].line, found[0].col), (8, 1), "{}", out.stdout);
+    assert!(
+        found[0]
+            .message
+            .contains("tabs are not allowed for indentation"),
+        "{:?}",
+        found[0]
+    );
+
+    // A key indented too far under a key that already has a value.
+    let text = base_with(&[(
+        "    health: { path: /healthz, interval: 2s }\n",
+        "    health: { path: /healthz, interval: 2s }\n      bad: indentation\n",
+    )]);
+    let (_dir, path, out) = check_text(&text, &[]);
+    let found = problems(&path, &out);
+    assert_eq!(found.len(), 1, "{}", out.stdout);
+    assert_eq!((found[0].line, found[0].col), (12, 7), "{}", out.stdout);
+    assert!(
+        found[0]
+            .message
+            .contains("`bad` is indented more than `health` on line 11, which already has a value")
+            && found[0].message.contains("a key of `target`"),
+        "{:?}",
+        found[0]
+    );
+}
+
+#[test]
+fn every_unknown_key_in_one_run_with_the_nearest_match() {
+    let text = base_with(&[
+        ("drain_delay: 0s\n", "drain_delay: 0s\nroutse: []\n"),
+        ("interval: 2s", "intervall: 2s"),
+        ("{ weight: 20 }", "{ weigth: 20 }"),
+        ("    window: 5m", "    windw: 5m"),
+    ]);
+    let (_dir, path, out) = check_text(&text, &[]);
+    assert_eq!(out.code, Some(2), "{}", out.stdout);
+    let found = problems(&path, &out);
+    let summary: Vec<(usize, usize, &str)> = found
+        .iter()
+        .map(|p| (p.line, p.col, p.message.as_str()))
+        .collect();
+    assert_eq!(found.len(), 4, "{summary:#?}");
+    // In line order, each at its key, naming the nearest accepted key and the accepted ones.
+    assert_eq!((found[0].line, found[0].col), (6, 1), "{summary:#?}");
+    assert!(
+        found[0].message.contains("did you mean `routes`?"),
+        "{summary:#?}"
+    );
+    assert_eq!((found[1].line, found[1].col), (12, 31), "{summary:#?}");
+    assert!(
+        found[1].message.contains("did you mean `interval`?")
+            && found[1].message.contains("`path`"),
+        "{summary:#?}"
+    );
+    assert!(
+        found[2].message.contains("did you mean `weight`?"),
+        "{summary:#?}"
+    );
+    assert!(
+        found[3].message.contains("did you mean `window`?"),
+        "{summary:#?}"
+    );
 }
 
 // YAML maps keep the last of two equal keys silently; the position index reports them.

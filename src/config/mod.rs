@@ -7,6 +7,8 @@
 pub mod position;
 pub mod raw;
 pub mod reload;
+mod syntax;
+mod unknown;
 mod validate;
 
 use std::fmt;

@@ -142,6 +142,24 @@ pub(super) fn validate(
             })
             .collect());
     }
+    // The tree first: a syntax error is reported alone, in plain words where a rule fits.
+    let tree: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(tree) => tree,
+        Err(e) => return Err(vec![syntax_diagnostic(text, &e, file)]),
+    };
+    let unknown = super::unknown::unknown_keys::<RawConfig>(&tree);
+    if !unknown.is_empty() {
+        let mut found: Vec<Diagnostic> = unknown
+            .into_iter()
+            .map(|k| Diagnostic {
+                file: file.to_path_buf(),
+                position: index.key(&k.path).unwrap_or_else(|| index.locate(&k.path)),
+                message: k.message,
+            })
+            .collect();
+        found.sort_by_key(|d| (d.position.line, d.position.col));
+        return Err(found);
+    }
     let raw: RawConfig = match serde_yaml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => return Err(vec![serde_diagnostic(&e, file)]),
@@ -159,6 +177,18 @@ pub(super) fn validate(
         c.problems
             .sort_by_key(|d| (d.position.line, d.position.col));
         Err(c.problems)
+    }
+}
+
+fn syntax_diagnostic(text: &str, e: &serde_yaml::Error, file: &Path) -> Diagnostic {
+    let d = serde_diagnostic(e, file);
+    match super::syntax::explain(text, d.position, &d.message) {
+        Some((position, message)) => Diagnostic {
+            file: file.to_path_buf(),
+            position,
+            message,
+        },
+        None => d,
     }
 }
 
