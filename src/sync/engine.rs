@@ -165,11 +165,16 @@ impl Db {
                 })
             })
             .connect(&connect_url)
-            .await
-            .map_err(|e| SyncError::Connect {
-                url: redact(url),
-                source: e,
-            })?;
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            Err(e) => {
+                return Err(SyncError::Connect {
+                    url: redact(url),
+                    reason: crate::dberror::connect_failure(&connect_url, e).await,
+                });
+            }
+        };
         Ok(Db {
             pool,
             engine,

@@ -21,8 +21,8 @@ use crate::telemetry::{Feeds, Metrics};
 pub enum SyncError {
     #[error("{0}")]
     Url(String),
-    #[error("cannot connect to {url}: {source}")]
-    Connect { url: String, source: sqlx::Error },
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
     #[error("{what}: {source}")]
     Query { what: String, source: sqlx::Error },
     #[error("sync `{sync}` cannot run:\n  - {}", problems.join("\n  - "))]
