@@ -192,6 +192,8 @@ pub async fn start(config_path: &Path, env_token: Option<&str>) -> Result<Runnin
         metrics.clone(),
     )
     .start(rest_shutdown.clone());
+    let endpoints = publisher.handle();
+    metrics.watch_endpoints(move || endpoints.load().endpoint_states());
     let proxy = Arc::new(Proxy::new(publisher.handle(), &config.limits));
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,

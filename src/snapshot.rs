@@ -16,7 +16,7 @@ use crate::dataplane::split::{Flag, RequestFacts};
 use crate::dataplane::upstream::{UpstreamClient, UpstreamClients};
 use crate::health::{EndpointHealth, HealthRegistry, RouteHealth};
 use crate::telemetry::Metrics;
-use crate::telemetry::metrics::{RouteLabels, RouteStats};
+use crate::telemetry::metrics::{EndpointState, RouteLabels, RouteStats};
 
 /// The metric label for requests that no route matched.
 pub const DEFAULT_ROUTE: &str = "_default";
@@ -166,6 +166,27 @@ impl RoutingSnapshot {
 
     pub fn find_route(&self, req: &RequestFacts<'_>) -> Option<RouteId> {
         self.table.find(&self.routes, req)
+    }
+
+    /// Every backend endpoint with its probe verdict, for `switchyard_endpoint_up`.
+    pub fn endpoint_states(&self) -> Vec<EndpointState> {
+        self.backends
+            .iter()
+            .flat_map(|b| {
+                b.endpoints
+                    .iter()
+                    .zip(&b.endpoint_health)
+                    .map(|(e, h)| EndpointState {
+                        backend: b.name.clone(),
+                        // Host and port only: user info in an authority is a secret.
+                        endpoint: match e.authority.port_u16() {
+                            Some(port) => format!("{}:{port}", e.authority.host()),
+                            None => e.authority.host().to_string(),
+                        },
+                        up: h.is_up(),
+                    })
+            })
+            .collect()
     }
 
     pub fn route(&self, id: RouteId) -> &Route {

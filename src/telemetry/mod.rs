@@ -4,6 +4,7 @@
 pub mod feeds;
 pub mod logging;
 pub mod metrics;
+pub mod process;
 
 pub use feeds::Feeds;
 pub use metrics::Metrics;
