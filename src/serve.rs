@@ -240,7 +240,7 @@ pub async fn start(config_path: &Path, env_token: Option<&str>) -> Result<Runnin
     ));
 
     readiness.set(true);
-    tracing::info!(%proxy_addr, https_addr = ?https_addr, %admin_addr, routes = config.routes.len(), "switchyard is serving");
+    tracing::info!(%proxy_addr, https_addr = https_addr.map(tracing::field::display), %admin_addr, routes = config.routes.len(), "switchyard is serving");
     let mut proxy_tasks = vec![joined(proxy_task)];
     proxy_tasks.extend(https_task.map(joined));
     // The order is the drain order: admin first, then the jobs.

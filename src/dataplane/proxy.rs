@@ -359,7 +359,7 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, request_id.clone()));
             }
         } else {
             strip_hop_by_hop(response.headers_mut());
@@ -683,18 +683,23 @@ fn classify(
 }
 
 /// Copies bytes both ways once both sides have switched protocols.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    request_id: HeaderValue,
+) {
+    let request_id = request_id.to_str().unwrap_or("");
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
+            tracing::debug!(request_id, error = %e, "upgrade did not complete");
             return;
         }
     };
     let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
+        tracing::debug!(request_id, error = %e, "upgraded connection ended with an error");
     }
 }
 
