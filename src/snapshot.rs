@@ -119,6 +119,8 @@ pub struct RoutingSnapshot {
     /// Same order as `routes`.
     pub policies: Vec<RoutePolicy>,
     pub default_stats: RouteStats,
+    /// Share of requests no route matched that the access log records.
+    pub access_log_sample: f64,
 }
 
 impl RoutingSnapshot {
@@ -156,6 +158,7 @@ impl RoutingSnapshot {
             health: routes.iter().map(|r| health.route(&r.name)).collect(),
             policies: config.policies.clone(),
             default_stats: metrics.route_stats(&Arc::from(DEFAULT_ROUTE)),
+            access_log_sample: config.access_log.as_ref().map_or(0.0, |a| a.sample),
             routes,
             backends,
             default_backend: config.default_backend,
