@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import shutil
@@ -43,7 +44,10 @@ KUBE_MIN = "1.25.0"
 KUBE_SLEEP_ACTION = "1.30.0"
 KUBE_LATEST = "1.37.0"
 # Kinds without a schema in kubernetes-validate (CRDs): checked structurally below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 # image.repository has no default (there is no public image); renders outside the scenarios set it.
 IMAGE = {"image": {"repository": "registry.example.test/switchyard"}}
 
@@ -381,6 +385,7 @@ def check_rendering(scenario: str, values: dict, docs: list[dict]) -> str | None
         check(ok, f"{p} ServiceMonitor scrapes /metrics on the admin Service only", sm)
     else:
         check(sm is None, f"{p} no ServiceMonitor when disabled")
+    check_observability(p, v, docs)
     return config_text
 
 
@@ -454,6 +459,60 @@ def check_sync_install(p: str, v: dict, docs: list[dict], config_text: str, dep:
         f"{p} the Job's pod is not selected by the Services or the PodDisruptionBudget",
         labels,
     )
+
+
+def check_observability(p: str, v: dict, docs: list) -> None:
+    """PrometheusRule and Grafana dashboard: present only when enabled, carrying the chart's
+    files unchanged, and every PromQL expression in them accepted by `promtool check rules`."""
+    rule = one(docs, "PrometheusRule")
+    with open(os.path.join(CHART, "files", "alerts.yaml"), encoding="utf-8") as f:
+        shipped = yaml.safe_load(f)
+    if v["prometheusRule"]["enabled"]:
+        check(
+            rule is not None
+            and rule["spec"] == {"groups": shipped["groups"]}
+            and all(rule["metadata"]["labels"].get(k) == val for k, val in v["prometheusRule"]["labels"].items()),
+            f"{p} PrometheusRule carries files/alerts.yaml",
+        )
+        if rule is not None:
+            promtool_rules(p, "PrometheusRule", {"groups": rule["spec"]["groups"]})
+    else:
+        check(rule is None, f"{p} no PrometheusRule when disabled")
+    dash = [d for d in docs if d["kind"] == "ConfigMap" and "switchyard.json" in d.get("data", {})]
+    if v["grafanaDashboard"]["enabled"]:
+        ok = len(dash) == 1 and dash[0]["metadata"]["labels"].get(v["grafanaDashboard"]["label"]) == v["grafanaDashboard"]["labelValue"]
+        check(ok, f"{p} dashboard ConfigMap labelled for Grafana's sidecar")
+        if ok:
+            board = json.loads(dash[0]["data"]["switchyard.json"])
+            exprs = [t["expr"] for panel in board["panels"] for t in panel.get("targets", [])]
+            exprs += [a["expr"] for a in board["annotations"]["list"] if "expr" in a]
+            check(len(exprs) >= 10, f"{p} dashboard has its queries")
+            # Grafana's variables, as Grafana would substitute them.
+            subst = {"$__rate_interval": "1m", "$route": ".*", "$job": ".*"}
+
+            def concrete(e: str) -> str:
+                for k, val in subst.items():
+                    e = e.replace(k, val)
+                return e
+
+            rules = [{"record": f"dashboard:query_{i}", "expr": concrete(e)} for i, e in enumerate(exprs)]
+            promtool_rules(p, "dashboard queries", {"groups": [{"name": "dashboard", "rules": rules}]})
+    else:
+        check(not dash, f"{p} no dashboard ConfigMap when disabled")
+
+
+def promtool_rules(p: str, what: str, rules: dict) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        print(f"skip promtool on {what}: no promtool (Debian package `prometheus`)")
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(rules, f)
+    try:
+        out = subprocess.run([promtool, "check", "rules", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    check(out.returncode == 0, f"{p} promtool check rules accepts the {what}", out.stdout + out.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

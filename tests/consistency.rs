@@ -216,16 +216,7 @@ async fn the_sampler_drops_below_one_once_it_samples_differences() {
 }
 
 fn install(path: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["sync", "install", "--config"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::sync_install(path);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,6 +115,43 @@ pub struct Config {
     pub flags: Vec<Flag>,
     pub sync: Vec<SyncSpec>,
     pub consistency: Vec<ConsistencySpec>,
+    /// `access_log:`; `None` writes no access log.
+    pub access_log: Option<AccessLogSpec>,
+    /// `tracing:`; `None` exports no spans.
+    pub tracing: Option<TracingSpec>,
+}
+
+/// Where and how the access log is written (contract §10). Fixed when `serve` starts; a
+/// reload changes only the shares sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogSpec {
+    pub format: AccessLogFormat,
+    pub path: AccessLogPath,
+    /// Share of requests logged on routes without their own `access_log.sample`, 0..=1.
+    pub sample: f64,
+    /// Lines that may wait for the writer before new ones are dropped.
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogPath {
+    Stdout,
+    /// Resolved against the config file's directory; opened for appending.
+    File(PathBuf),
+}
+
+/// Where spans go and which share of traces is sampled (contract §10).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSpec {
+    /// OTLP/HTTP endpoint, e.g. `http://collector:4318`; spans are posted to `/v1/traces`.
+    pub otlp_endpoint: String,
+    pub sample_ratio: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,6 +280,9 @@ pub struct RoutePolicy {
     pub rollback: Option<RollbackSpec>,
     pub failover: Option<FailoverSpec>,
     pub rollout: Option<RolloutSpec>,
+    /// Share of the route's requests in the access log: its own `access_log.sample`, else
+    /// the top-level one, else 0.
+    pub access_sample: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -33,6 +33,41 @@ pub struct RawConfig {
     pub sync: Vec<RawSync>,
     #[serde(default)]
     pub consistency: Vec<RawConsistency>,
+    #[serde(default)]
+    pub access_log: Option<RawAccessLog>,
+    #[serde(default)]
+    pub tracing: Option<RawTracing>,
+}
+
+/// `access_log:` at the top level.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub sample: Option<f64>,
+    /// Lines waiting for the writer; more are dropped and counted.
+    #[serde(default)]
+    pub queue: Option<u64>,
+}
+
+/// `access_log:` of a route: its own share of requests logged.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteAccessLog {
+    pub sample: f64,
+}
+
+/// `tracing:` at the top level.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp_endpoint: String,
+    #[serde(default)]
+    pub sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +197,8 @@ pub struct RawRoute {
     pub failover: Option<RawFailover>,
     #[serde(default)]
     pub rollout: Option<RawRollout>,
+    #[serde(default)]
+    pub access_log: Option<RawRouteAccessLog>,
 }
 
 #[derive(Debug, Default, Deserialize)]

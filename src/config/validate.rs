@@ -359,6 +359,8 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     }
 
     let mut routes = Vec::new();
+    let access_log = raw.access_log.as_ref().map(|a| access_log(c, a));
+    let default_sample = access_log.as_ref().map_or(0.0, |a| a.sample);
     let mut policies = Vec::new();
     let mut seen_routes: HashMap<&str, Position> = HashMap::new();
     for (i, rr) in raw.routes.iter().enumerate() {
@@ -397,7 +399,7 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
             sticky,
             rolled_back: false,
         });
-        policies.push(policy(c, &path, rr));
+        policies.push(policy(c, &path, rr, default_sample));
     }
     // Two routes with an identical match would make the second unreachable.
     for (i, a) in routes.iter().enumerate() {
@@ -412,6 +414,8 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     let (sync, consistency) = sync_and_consistency(c, &raw);
 
     Config {
+        access_log,
+        tracing: raw.tracing.as_ref().map(|t| tracing_spec(c, t)),
         listen,
         https,
         admin_listen,
@@ -1006,7 +1010,7 @@ fn sticky(c: &mut Checker<'_>, path: &str, raw: &RawSticky) -> Option<StickyKey>
     parsed
 }
 
-fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
+fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute, default_sample: f64) -> RoutePolicy {
     let rollback = rr.rollback.as_ref().map(|r| {
         let p = format!("{path}.rollback");
         RollbackSpec {
@@ -1122,6 +1126,94 @@ fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
         rollback,
         failover,
         rollout,
+        access_sample: rr.access_log.as_ref().map_or(default_sample, |a| {
+            c.ratio(
+                &format!("{path}.access_log.sample"),
+                Some(a.sample),
+                0.0,
+                1.0,
+            )
+            .unwrap_or(0.0)
+        }),
+    }
+}
+
+/// `access_log:` at the top level. Default: JSON on stdout, every request.
+fn access_log(c: &mut Checker<'_>, raw: &RawAccessLog) -> AccessLogSpec {
+    let format = match raw.format.as_deref() {
+        None | Some("json") => AccessLogFormat::Json,
+        Some("text") => AccessLogFormat::Text,
+        Some(other) => {
+            c.error(
+                "access_log.format",
+                format!("`{other}` is not an access log format; write `json` or `text`"),
+            );
+            AccessLogFormat::Json
+        }
+    };
+    let path = match raw.path.as_deref() {
+        None | Some("stdout") => AccessLogPath::Stdout,
+        Some("") => {
+            c.error("access_log.path", "write `stdout` or a file path");
+            AccessLogPath::Stdout
+        }
+        Some(file) => {
+            let path = c.file.parent().unwrap_or(Path::new(".")).join(file);
+            if !path
+                .parent()
+                .is_some_and(|d| d.as_os_str().is_empty() || d.is_dir())
+            {
+                c.error(
+                    "access_log.path",
+                    format!("the directory of `{file}` does not exist"),
+                );
+            }
+            AccessLogPath::File(path)
+        }
+    };
+    let sample = c
+        .ratio("access_log.sample", raw.sample, 0.0, 1.0)
+        .unwrap_or(1.0);
+    let queue = match raw.queue {
+        None => DEFAULT_ACCESS_LOG_QUEUE,
+        Some(n @ 1..=1_048_576) => n as usize,
+        Some(n) => {
+            c.error(
+                "access_log.queue",
+                format!("{n} is out of range: it must be between 1 and 1048576 lines"),
+            );
+            DEFAULT_ACCESS_LOG_QUEUE
+        }
+    };
+    AccessLogSpec {
+        format,
+        path,
+        sample,
+        queue,
+    }
+}
+
+/// Lines the access log holds for a writer that fell behind: about 4 MB of JSON lines.
+const DEFAULT_ACCESS_LOG_QUEUE: usize = 8192;
+
+/// `tracing:`: an `http://` or `https://` OTLP endpoint and a ratio (default 1).
+fn tracing_spec(c: &mut Checker<'_>, raw: &RawTracing) -> TracingSpec {
+    let endpoint = c.expand("tracing.otlp_endpoint", &raw.otlp_endpoint);
+    if endpoint.parse::<http::Uri>().ok().is_none_or(|u| {
+        !matches!(u.scheme_str(), Some("http" | "https")) || u.authority().is_none()
+    }) {
+        c.error(
+            "tracing.otlp_endpoint",
+            format!(
+                "`{endpoint}` is not an OTLP/HTTP endpoint; write e.g. `http://collector:4318`"
+            ),
+        );
+    }
+    TracingSpec {
+        otlp_endpoint: endpoint.trim_end_matches('/').to_string(),
+        sample_ratio: c
+            .ratio("tracing.sample_ratio", raw.sample_ratio, 0.0, 1.0)
+            .unwrap_or(1.0),
     }
 }
 

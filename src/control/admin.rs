@@ -52,15 +52,10 @@ pub async fn serve(
         .await
 }
 
-async fn metrics_text(State(state): State<AdminState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-        .into_response()
+async fn metrics_text(State(state): State<AdminState>, headers: header::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = state.metrics.exposition(accept);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 async fn healthz() -> Response {

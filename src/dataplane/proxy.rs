@@ -6,6 +6,7 @@
 
 use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,6 +25,7 @@ use super::split::{RequestFacts, Side};
 use crate::config::{Endpoint, Limits, UpstreamProtocol};
 use crate::health::Outcome;
 use crate::snapshot::{RoutingSnapshot, SnapshotHandle};
+use crate::telemetry::access_log::{AccessLog, LoggedBody, RequestStart, Served};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
@@ -58,6 +60,8 @@ pub struct Proxy {
     /// Fixed at start like the listener's buffers it must agree with.
     max_header_bytes: usize,
     max_body_bytes: usize,
+    /// `None`: no access log, and nothing is spent on one.
+    access_log: Option<AccessLog>,
 }
 
 impl Proxy {
@@ -67,6 +71,77 @@ impl Proxy {
             scheme: HeaderValue::from_static("http"),
             max_header_bytes: limits.max_header_bytes,
             max_body_bytes: usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
+            access_log: None,
+        }
+    }
+
+    /// The same proxy writing an access log line per request.
+    pub fn with_access_log(self, access_log: AccessLog) -> Proxy {
+        Proxy {
+            access_log: Some(access_log),
+            ..self
+        }
+    }
+
+    /// Serves one request; with an access log, its line is queued when the response body
+    /// ends. The request id is settled here so that the line, the upstream and the
+    /// client all see the same one.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        verdicts: &HeadVerdicts,
+    ) -> Response<LoggedBody<ProxyBody>> {
+        let Some(log) = &self.access_log else {
+            return self.serve(req, peer, verdicts).await.map(Either::Left);
+        };
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(id) if !id.is_empty() => id.clone(),
+            _ => {
+                let id = new_request_id();
+                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+                id
+            }
+        };
+        let start = RequestStart::of(&req, peer, &request_id);
+        let response = self.serve(req, peer, verdicts).await;
+        log.finish(start, response)
+    }
+
+    /// What the access log records of how a request was served.
+    fn served(
+        &self,
+        snapshot: &RoutingSnapshot,
+        decision: &Decision,
+        side: Side,
+        upstream: Option<String>,
+    ) -> Served {
+        let route = decision.route.map(|i| &snapshot.routes[i]);
+        Served {
+            route: route.map_or_else(
+                || Arc::from(crate::snapshot::DEFAULT_ROUTE),
+                |r| r.name.clone(),
+            ),
+            side: side.as_str(),
+            bucket: decision.bucket.map(|b| b.value()),
+            flag: route.and_then(|r| match &r.split {
+                super::split::Split::FeatureFlag { flag } => {
+                    Some(Arc::from(snapshot.flags[flag.0 as usize].name.as_str()))
+                }
+                _ => None,
+            }),
+            weight: route.map(|r| {
+                if r.rolled_back {
+                    0.0
+                } else {
+                    r.split.effective_weight(&snapshot.flags).percent()
+                }
+            }),
+            upstream,
+            replayed: decision.side == Side::Target && side == Side::Legacy,
+            sample: decision.route.map_or(snapshot.access_log_sample, |i| {
+                snapshot.policies[i].access_sample
+            }),
         }
     }
 
@@ -79,7 +154,7 @@ impl Proxy {
         }
     }
 
-    pub async fn handle(
+    async fn serve(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
@@ -294,7 +369,12 @@ impl Proxy {
         let request = Request::from_parts(parts, body);
         let sent = backend.client.client.request(request);
         match tokio::time::timeout(snapshot.timeouts.request, sent).await {
-            Ok(Ok(response)) => Ok(response),
+            Ok(Ok(mut response)) => {
+                if self.access_log.is_some() {
+                    response.extensions_mut().insert(endpoint.authority.clone());
+                }
+                Ok(response)
+            }
             Ok(Err(e)) => Err(classify(e, &backend.name, endpoint)),
             Err(_) => Err(ProxyError::Timeout {
                 backend: backend.name.to_string(),
@@ -359,7 +439,7 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, request_id.clone()));
             }
         } else {
             strip_hop_by_hop(response.headers_mut());
@@ -376,6 +456,14 @@ impl Proxy {
             Outcome::Status(response.status().as_u16()),
             started,
         );
+        if self.access_log.is_some() {
+            let upstream = response
+                .extensions()
+                .get::<http::uri::Authority>()
+                .map(|a| a.to_string());
+            let served = self.served(snapshot, decision, side, upstream);
+            response.extensions_mut().insert(served);
+        }
         response.map(Either::Left)
     }
 
@@ -392,7 +480,14 @@ impl Proxy {
             tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %error, "upstream request failed");
         }
         let outcome = outcome_of_error(&error);
-        let response = error.into_response(Some(request_id));
+        let served = self
+            .access_log
+            .as_ref()
+            .map(|_| self.served(snapshot, decision, side, error.endpoint_authority()));
+        let mut response = error.into_response(Some(request_id));
+        if let Some(served) = served {
+            response.extensions_mut().insert(served);
+        }
         match outcome {
             // The client's own fault says nothing about the backend's health.
             None => match decision.route {
@@ -683,18 +778,23 @@ fn classify(
 }
 
 /// Copies bytes both ways once both sides have switched protocols.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    request_id: HeaderValue,
+) {
+    let request_id = request_id.to_str().unwrap_or("");
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
+            tracing::debug!(request_id, error = %e, "upgrade did not complete");
             return;
         }
     };
     let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
+        tracing::debug!(request_id, error = %e, "upgraded connection ended with an error");
     }
 }
 

@@ -52,6 +52,22 @@ impl ProxyError {
         }
     }
 
+    /// `host:port` of the endpoint an upstream failure happened at; `None` for the client's
+    /// own faults.
+    pub fn endpoint_authority(&self) -> Option<String> {
+        match self {
+            ProxyError::Connect { endpoint, .. }
+            | ProxyError::Timeout { endpoint, .. }
+            | ProxyError::Upstream { endpoint, .. } => Some(
+                endpoint
+                    .split_once("://")
+                    .map_or(endpoint.as_str(), |(_, authority)| authority)
+                    .to_string(),
+            ),
+            ProxyError::BadRequest { .. } => None,
+        }
+    }
+
     /// Requests the proxy refuses on framing grounds leave the connection in an unknown
     /// state, so it is closed after the answer.
     fn closes_connection(&self) -> bool {

@@ -14,7 +14,7 @@ use sqlx::Row;
 use crate::config::SyncSpec;
 use crate::lifecycle::Shutdown;
 use crate::telemetry::feeds::SyncReport;
-use crate::telemetry::metrics::{SyncBackfillLabels, SyncDirectionLabels, SyncLabels};
+use crate::telemetry::metrics::{SyncDirectionLabels, SyncLabels};
 use crate::telemetry::{Feeds, Metrics};
 
 use super::SyncError;
@@ -425,15 +425,8 @@ impl SyncWorker {
         self.report.conflicts += applied.conflicts;
         self.report.backfill_rows_copied = copied;
         self.report.backfill_rows_total = total.max(copied);
-        for (rows, n) in [("copied", copied), ("total", total.max(copied))] {
-            self.metrics
-                .sync_backfill
-                .get_or_create(&SyncBackfillLabels {
-                    sync: plan.name.clone(),
-                    rows,
-                })
-                .set(n as i64);
-        }
+        self.metrics
+            .sync_backfill(&plan.name, copied, total.max(copied));
         if n > 0 {
             tracing::info!(sync = %plan.name, copied, total = total.max(copied), "backfill progress");
         }

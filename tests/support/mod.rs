@@ -4,6 +4,7 @@
 
 pub mod db;
 pub mod pki;
+pub mod prometheus;
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -613,4 +614,18 @@ pub async fn wait_rollout(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `switchyard sync install --config PATH`, which must succeed.
+pub fn sync_install(path: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["sync", "install", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

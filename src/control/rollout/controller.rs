@@ -18,7 +18,7 @@ use crate::health::monitor::Breach;
 use crate::lifecycle::Shutdown;
 use crate::snapshot::SnapshotHandle;
 use crate::telemetry::Metrics;
-use crate::telemetry::metrics::{GateLabels, RouteLabels};
+use crate::telemetry::metrics::GateFigure;
 
 /// Often enough that a rollback is recorded well within a second of the route's rollback.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -392,24 +392,15 @@ impl RolloutController {
         } else {
             i64::try_from(subject.record.step + 1).unwrap_or(i64::MAX)
         };
-        self.metrics
-            .rollout_step
-            .get_or_create(&RouteLabels {
-                route: route.clone(),
-            })
-            .set(step);
-        for gate in &evaluation.gates {
-            let labels = GateLabels {
-                route: route.clone(),
-                gate: gate.name.clone(),
-            };
-            if let Some(figure) = gate.figure {
-                self.metrics.rollout_gate.get_or_create(&labels).set(figure);
-            }
-            self.metrics
-                .rollout_gate_passing
-                .get_or_create(&labels)
-                .set(i64::from(gate.pass));
-        }
+        self.metrics.export_rollout(
+            &route,
+            step,
+            subject.record.phase.as_str(),
+            evaluation.gates.iter().map(|g| GateFigure {
+                name: &g.name,
+                figure: g.figure,
+                pass: g.pass,
+            }),
+        );
     }
 }
