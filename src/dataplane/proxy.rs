@@ -12,11 +12,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full, LengthLimitError, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rand::RngExt;
 
+use super::client_body::{BodyState, BodyWatch, ClientBody};
 use super::decision::Decision;
 use super::head_guard::HeadVerdicts;
 use super::rescue::ProxyError;
@@ -29,7 +30,7 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 /// Towards a backend: the client's body streamed (cut at `limits.max_body_bytes`), or a
 /// kept copy for a replay.
-pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+pub type UpstreamBody = Either<ClientBody, Full<Bytes>>;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -151,13 +152,13 @@ impl Proxy {
             });
         let (mut parts, body) = req.into_parts();
         self.prepare_head(&mut parts, client_ip, &request_id, upgrade);
+        let (body, watch) = ClientBody::new(body, self.max_body_bytes);
         let (body, replay) = match failover {
-            None => (Either::Left(Limited::new(body, self.max_body_bytes)), None),
+            None => (Either::Left(body), None),
             Some(f) => match keep_for_replay(
                 &parts.headers,
                 body,
                 f.max_replay_bytes,
-                self.max_body_bytes,
                 snapshot.timeouts.request,
             )
             .await
@@ -177,7 +178,9 @@ impl Proxy {
         };
         let replay_parts = replay.as_ref().map(|_| clone_head(&parts));
 
-        let first = self.attempt(&snapshot, decision.backend, parts, body).await;
+        let first = self
+            .attempt(&snapshot, decision.backend, parts, body, &watch)
+            .await;
         let failed_on_target = match &first {
             // The client's own faults are not the target's, and replaying them is pointless.
             Err(e) => outcome_of_error(e).is_some(),
@@ -250,6 +253,7 @@ impl Proxy {
                 legacy,
                 replay_parts,
                 Either::Right(Full::new(replay)),
+                &BodyWatch::default(),
             )
             .await;
         self.finish(
@@ -263,13 +267,15 @@ impl Proxy {
         )
     }
 
-    /// One try at a backend: pick an endpoint, send, wait for the response head.
+    /// One try at a backend: pick an endpoint, send, wait for the response head. A failure
+    /// the client's body caused (`watch`) is the client's error, not the backend's.
     async fn attempt(
         &self,
         snapshot: &RoutingSnapshot,
         backend: crate::dataplane::route::BackendId,
         mut parts: http::request::Parts,
         body: UpstreamBody,
+        watch: &BodyWatch,
     ) -> Result<Response<Incoming>, ProxyError> {
         let backend = snapshot.backend(backend);
         let endpoint = backend.pick();
@@ -295,7 +301,9 @@ impl Proxy {
         let sent = backend.client.client.request(request);
         match tokio::time::timeout(snapshot.timeouts.request, sent).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(classify(e, &backend.name, endpoint)),
+            Ok(Err(e)) => Err(client_body_fault(watch, false)
+                .unwrap_or_else(|| classify(e, &backend.name, endpoint))),
+            Err(_) if let Some(fault) = client_body_fault(watch, true) => Err(fault),
             Err(_) => Err(ProxyError::Timeout {
                 backend: backend.name.to_string(),
                 endpoint: endpoint.to_string(),
@@ -468,9 +476,8 @@ fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
 /// `max` (or of unknown length) streams as usual and is simply not replayable.
 async fn keep_for_replay(
     headers: &HeaderMap,
-    body: Incoming,
+    body: ClientBody,
     max: u64,
-    max_body: usize,
     timeout: Duration,
 ) -> Result<(UpstreamBody, Option<Bytes>), ProxyError> {
     use http_body::Body as _;
@@ -498,8 +505,37 @@ async fn keep_for_replay(
             let bytes = collected.to_bytes();
             Ok((Either::Right(Full::new(bytes.clone())), Some(bytes)))
         }
-        _ => Ok((Either::Left(Limited::new(body, max_body)), None)),
+        _ => Ok((Either::Left(body), None)),
     }
+}
+
+/// The client's error when its body made the upstream request fail: malformed or cut short
+/// (400, RFC 9110 §15.5.1), too large (413), or still awaited when the request timed out
+/// (408, §15.5.9). `None` when the body was not the cause.
+fn client_body_fault(watch: &BodyWatch, timed_out: bool) -> Option<ProxyError> {
+    let (code, message, status) = match watch.state() {
+        BodyState::Malformed => (
+            "body_malformed",
+            "the request body is malformed or ended before its declared length",
+            StatusCode::BAD_REQUEST,
+        ),
+        BodyState::TooLarge => (
+            "body_too_large",
+            "the request body is larger than limits.max_body_bytes",
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        BodyState::AwaitingClient if timed_out => (
+            "body_timeout",
+            "the request body did not arrive within timeouts.request",
+            StatusCode::REQUEST_TIMEOUT,
+        ),
+        _ => return None,
+    };
+    Some(ProxyError::BadRequest {
+        code,
+        message,
+        status,
+    })
 }
 
 fn outcome_of(result: &Result<Response<Incoming>, ProxyError>) -> Outcome {
@@ -644,19 +680,6 @@ fn classify(
     backend: &str,
     endpoint: &Endpoint,
 ) -> ProxyError {
-    // The client's body outgrew the limit mid-stream: the upstream request was aborted,
-    // and it is the client's fault, not the backend's.
-    let mut source = std::error::Error::source(&error);
-    while let Some(s) = source {
-        if s.is::<LengthLimitError>() {
-            return ProxyError::BadRequest {
-                code: "body_too_large",
-                message: "the request body is larger than limits.max_body_bytes",
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-            };
-        }
-        source = s.source();
-    }
     let detail = {
         let mut text = error.to_string();
         let mut source = std::error::Error::source(&error);
