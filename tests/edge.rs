@@ -131,3 +131,44 @@ routes:\n  - name: users\n    match: {{ path_prefix: /api/users }}\n    legacy: 
     )
     .await;
 }
+
+/// Failing input 5: a 200 KB file nesting `[[[…]]]` 100,000 deep, hot-reloaded, is refused
+/// at once and traffic never stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nesting_bomb_reload_is_refused_while_traffic_flows() {
+    let legacy = Backend::start("legacy").await;
+    let config = format!(
+        "backends:\n  legacy: {{ endpoints: [\"{}\"] }}\ndefault_backend: legacy\n",
+        legacy.url()
+    );
+    let proxy = Switchyard::start(&config);
+    let http = client();
+    let (status, _, _) = request(&http, "GET", &proxy.url("/x"), &[]).await;
+    assert_eq!(status, 200);
+
+    let good = std::fs::read_to_string(&proxy.config_path).unwrap();
+    let bomb = format!(
+        "{good}routes: {}{}\n",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    std::fs::write(&proxy.config_path, bomb).unwrap();
+    proxy.signal("HUP");
+    let started = std::time::Instant::now();
+    eventually(Duration::from_secs(5), "the reload is refused", || async {
+        proxy
+            .metric("switchyard_config_reloads_total{result=\"failure\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    // Requests sent while it was refused were answered promptly.
+    for _ in 0..20 {
+        let sent = std::time::Instant::now();
+        let (status, _, _) = request(&http, "GET", &proxy.url("/x"), &[]).await;
+        assert_eq!(status, 200);
+        assert!(sent.elapsed() < Duration::from_secs(1));
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
