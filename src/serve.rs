@@ -192,7 +192,11 @@ pub async fn start(config_path: &Path, env_token: Option<&str>) -> Result<Runnin
         metrics.clone(),
     )
     .start(rest_shutdown.clone());
-    let proxy = Arc::new(Proxy::new(publisher.handle(), &config.limits));
+    let proxy = Arc::new(Proxy::new(
+        publisher.handle(),
+        &config.limits,
+        config.escaped_slashes,
+    ));
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,
         keepalive_timeout: config.timeouts.keepalive,

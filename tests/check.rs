@@ -756,3 +756,15 @@ fn check_reads_the_admin_tokens_file() {
     assert_eq!(found.len(), 1, "{}", out.stdout);
     assert!(found[0].message.contains("sha256:"), "{}", out.stdout);
 }
+
+#[test]
+fn a_path_prefix_no_normalised_path_can_have_is_refused() {
+    let text = base_with(&[("path_prefix: /api/users", "path_prefix: /api//users")]);
+    expect_one(&text, 15, 27, "/api//users", &["normalised", "`/api/users`"]);
+}
+
+#[test]
+fn a_rule_value_no_request_can_carry_is_refused() {
+    let text = base_with(&[("value: \"1\"", "value: \" 1\"")]);
+    expect_one(&text, 26, 28, "{ name: x-canary", &["no request can carry"]);
+}

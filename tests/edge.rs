@@ -172,3 +172,200 @@ async fn a_nesting_bomb_reload_is_refused_while_traffic_flows() {
     }
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+/// Three backends that echo what they receive: `legacy` (the default), `users` behind
+/// `/api/users` and `/ops` (canary on a query rule), `shop` behind `host: shop.example.test`.
+struct Edge {
+    _backends: [Backend; 3],
+    proxy: Switchyard,
+}
+
+impl Edge {
+    async fn start(extra: &str) -> Edge {
+        let legacy = Backend::start("legacy").await;
+        let users = Backend::start("users").await;
+        let shop = Backend::start("shop").await;
+        let config = format!(
+            "{extra}backends:\n  legacy: {{ endpoints: [\"{}\"] }}\n  users: {{ endpoints: [\"{}\"] }}\n  shop: {{ endpoints: [\"{}\"] }}\n\
+default_backend: legacy\n\
+routes:\n\
+\x20 - {{ name: users, match: {{ path_prefix: /api/users }}, legacy: legacy, target: users, split: {{ percentage: {{ weight: 100 }} }} }}\n\
+\x20 - {{ name: shop, match: {{ host: shop.example.test }}, legacy: legacy, target: shop, split: {{ percentage: {{ weight: 100 }} }} }}\n\
+\x20 - name: ops\n    match: {{ path_prefix: /ops }}\n    legacy: legacy\n    target: users\n\
+\x20   split: {{ canary: {{ rules: [ {{ query: {{ name: user, value: ops@example.test }} }} ], weight: 0 }} }}\n",
+            legacy.url(),
+            users.url(),
+            shop.url()
+        );
+        let proxy = Switchyard::start(&config);
+        Edge {
+            _backends: [legacy, users, shop],
+            proxy,
+        }
+    }
+
+    /// Sends one raw HTTP/1.1 request (the text gets `\r\n` line ends and the empty line)
+    /// and returns the status and, when a backend answered, its echo.
+    async fn send(&self, head: &str) -> (u16, Option<serde_json::Value>) {
+        let raw = format!("{}\r\n\r\n", head.replace('\n', "\r\n"));
+        let answer = raw_exchange(self.proxy.http, raw.as_bytes(), Duration::from_secs(5)).await;
+        let status = answer
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no status in {answer:?}"));
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        // The proxy's own answers are JSON too; an echo names its backend.
+        let echo = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .filter(|v| v.get("backend").is_some());
+        (status, echo)
+    }
+}
+
+/// Failing input 3: the authority routed on is the one the backend receives; missing,
+/// duplicate and invalid Hosts are the client's error; a trailing dot is the same name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_authority_is_routed_on_and_forwarded() {
+    let edge = Edge::start("").await;
+    let (status, echo) = edge
+        .send("GET http://shop.example.test/x HTTP/1.1\nHost: a\nConnection: close")
+        .await;
+    let echo = echo.unwrap();
+    assert_eq!((status, &echo["backend"]), (200, &"shop".into()));
+    assert_eq!(echo["headers"]["host"], "shop.example.test");
+
+    let (status, echo) = edge
+        .send("GET /x HTTP/1.1\nHost: shop.example.test\nConnection: close, Host")
+        .await;
+    let echo = echo.unwrap();
+    assert_eq!((status, &echo["backend"]), (200, &"shop".into()));
+    assert_eq!(echo["headers"]["host"], "shop.example.test", "{echo}");
+
+    let (status, echo) = edge
+        .send("GET /x HTTP/1.1\nHost: SHOP.example.test.\nConnection: close")
+        .await;
+    assert_eq!((status, &echo.unwrap()["backend"]), (200, &"shop".into()));
+
+    for head in [
+        "GET /x HTTP/1.1\nConnection: close",
+        "GET /x HTTP/1.1\nHost: shop.example.test\nHost: other.test\nConnection: close",
+        "GET /x HTTP/1.1\nHost: shop example\nConnection: close",
+        "GET /x HTTP/1.1\nHost: user@shop.example.test\nConnection: close",
+        "GET /x HTTP/1.1\nHost: shop.example.test:8o\nConnection: close",
+    ] {
+        let (status, echo) = edge.send(head).await;
+        assert_eq!(status, 400, "{head:?}");
+        assert!(echo.is_none(), "{head:?} reached a backend");
+    }
+}
+
+/// Failing input 3, HTTP/2: `:authority` and `host` that disagree are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_authority_and_host_must_agree() {
+    let edge = Edge::start("").await;
+    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let send = |host: Option<&'static str>| {
+        let mut builder = http::Request::builder()
+            .uri(format!("http://{}/x", edge.proxy.http).replace("127.0.0.1", "localhost"));
+        if let Some(h) = host {
+            builder = builder.header("host", h);
+        }
+        h2.request(builder.body(http_body_util::Empty::new()).unwrap())
+    };
+    let agreed = send(None).await.unwrap();
+    assert_eq!(agreed.status(), 200);
+    let disagreeing = send(Some("shop.example.test")).await.unwrap();
+    assert_eq!(disagreeing.status(), 400);
+}
+
+/// Failing input 4: paths are normalised before matching and forwarded normalised;
+/// encoded slashes are refused; query rules compare decoded values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_mean_one_thing() {
+    let edge = Edge::start("").await;
+    for (path, backend, forwarded) in [
+        ("/api/./users/7", "users", "/api/users/7"),
+        ("/api//users/7", "users", "/api/users/7"),
+        ("/api/x/../users/7", "users", "/api/users/7"),
+        ("/%61pi/users/7?a=%2F", "users", "/api/users/7"),
+        ("/api/users/../../admin", "legacy", "/admin"),
+    ] {
+        let (status, echo) = edge
+            .send(&format!("GET {path} HTTP/1.1\nHost: h\nConnection: close"))
+            .await;
+        let echo = echo.unwrap_or_else(|| panic!("{path}: {status}"));
+        assert_eq!(status, 200, "{path}");
+        assert_eq!(echo["backend"], backend, "{path}");
+        assert_eq!(echo["path"], forwarded, "{path}");
+    }
+    let (_, echo) = edge
+        .send("GET /%61pi/users/7?a=%2F HTTP/1.1\nHost: h\nConnection: close")
+        .await;
+    assert_eq!(
+        echo.unwrap()["query"],
+        "a=%2F",
+        "the query is forwarded as received"
+    );
+
+    for path in ["/api%2Fusers/7", "/api/users%5c7", "/api/%zz"] {
+        let (status, echo) = edge
+            .send(&format!("GET {path} HTTP/1.1\nHost: h\nConnection: close"))
+            .await;
+        assert_eq!(status, 400, "{path}");
+        assert!(echo.is_none());
+    }
+
+    let (_, echo) = edge
+        .send("GET /ops?user=ops%40example.test HTTP/1.1\nHost: h\nConnection: close")
+        .await;
+    assert_eq!(echo.unwrap()["backend"], "users");
+    let (_, echo) = edge
+        .send("GET /ops?user=someone HTTP/1.1\nHost: h\nConnection: close")
+        .await;
+    assert_eq!(echo.unwrap()["backend"], "legacy");
+}
+
+/// `listen.escaped_slashes: keep` forwards encoded slashes, which never split a segment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn escaped_slashes_may_be_kept() {
+    let edge = Edge::start("listen: { http: \"127.0.0.1:0\", escaped_slashes: keep }\nadmin: { listen: \"127.0.0.1:0\" }\n").await;
+    let (status, echo) = edge
+        .send("GET /api%2fusers/7 HTTP/1.1\nHost: h\nConnection: close")
+        .await;
+    let echo = echo.unwrap();
+    assert_eq!((status, &echo["backend"]), (200, &"legacy".into()));
+    assert_eq!(echo["path"], "/api%2Fusers/7");
+}
+
+/// Failing input 7: what cannot be carried is refused as Envoy refuses it by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_corners_are_refused() {
+    let edge = Edge::start("").await;
+    let cases = [
+        (
+            "CONNECT shop.example.test:443 HTTP/1.1\nHost: shop.example.test:443",
+            405,
+        ),
+        ("GET * HTTP/1.1\nHost: h\nConnection: close", 400),
+        (
+            "POST /api/users HTTP/1.1\nHost: h\nTransfer-Encoding: gzip, chunked\nConnection: close\n\n0",
+            501,
+        ),
+    ];
+    for (head, want) in cases {
+        let (status, echo) = edge.send(head).await;
+        assert_eq!(status, want, "{head:?}");
+        assert!(echo.is_none(), "{head:?} reached a backend");
+    }
+    // An h2c upgrade is not a tunnel: the request is served, its Upgrade dropped.
+    let (status, echo) = edge
+        .send("GET /api/users HTTP/1.1\nHost: h\nConnection: Upgrade, HTTP2-Settings\nUpgrade: h2c\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\n")
+        .await;
+    let echo = echo.unwrap();
+    assert_eq!(status, 200);
+    assert!(echo["headers"].get("upgrade").is_none(), "{echo}");
+    assert!(echo["headers"].get("http2-settings").is_none(), "{echo}");
+}

@@ -103,6 +103,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The TLS listener, when `listen.https` is set.
     pub https: Option<HttpsListen>,
+    /// `listen.escaped_slashes`: encoded `/` and `\` in paths are refused unless `keep`.
+    pub escaped_slashes: crate::dataplane::admission::EscapedSlashes,
     pub admin_listen: SocketAddr,
     /// Resolved against the config file's directory.
     pub admin_tokens_file: Option<PathBuf>,

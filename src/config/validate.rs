@@ -17,6 +17,7 @@ use ipnet::IpNet;
 use super::position::{Position, PositionIndex, too_deep};
 use super::raw::*;
 use super::*;
+use crate::dataplane::admission::EscapedSlashes;
 use crate::dataplane::route::{BackendId, HostMatch, Route, RouteMatcher};
 use crate::dataplane::split::{
     Condition, DEFAULT_GENERATED_COOKIE, Flag, FlagId, Rule, Side, Split, StickyKey, ValueMatch,
@@ -248,6 +249,17 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         .socket_addr("listen.http", &raw.listen.http)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
     let https = raw.listen.https.as_ref().and_then(|h| https(c, h, listen));
+    let escaped_slashes = match raw.listen.escaped_slashes.as_deref() {
+        None | Some("reject") => EscapedSlashes::Reject,
+        Some("keep") => EscapedSlashes::Keep,
+        Some(other) => {
+            c.error(
+                "listen.escaped_slashes",
+                format!("`{other}` is not a choice; write `reject` or `keep`"),
+            );
+            EscapedSlashes::Reject
+        }
+    };
     let admin_listen = match &raw.admin {
         Some(a) => c.socket_addr("admin.listen", &a.listen),
         None => None,
@@ -456,6 +468,7 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     Config {
         listen,
         https,
+        escaped_slashes,
         admin_listen,
         admin_tokens_file,
         state_url,
@@ -797,7 +810,21 @@ fn route_match(c: &mut Checker<'_>, path: &str, raw: &RawRouteMatch) -> RouteMat
             );
             "/".to_string()
         }
-        Some(p) if p.starts_with('/') => p.clone(),
+        Some(p) if p.starts_with('/') => {
+            // Requests are matched on their normalised path; a prefix must be normal too.
+            match crate::dataplane::admission::normalize_path(p, EscapedSlashes::Keep) {
+                Ok(normal) if normal == p.as_str() => {}
+                Ok(normal) => c.error(
+                    &format!("{path}.path_prefix"),
+                    format!("requests are matched on their normalised path, so `{p}` never matches; write `{normal}`"),
+                ),
+                Err(refusal) => c.error(
+                    &format!("{path}.path_prefix"),
+                    format!("`{p}`: {}", refusal.message),
+                ),
+            }
+            p.clone()
+        }
         Some(p) => {
             c.error(
                 &format!("{path}.path_prefix"),
@@ -819,7 +846,10 @@ fn route_match(c: &mut Checker<'_>, path: &str, raw: &RawRouteMatch) -> RouteMat
         .enumerate()
         .filter_map(|(i, h)| {
             let p = format!("{path}.headers[{i}]");
-            Some((header_name(c, &p, &h.name)?, value_match(c, &p, h)))
+            let name = header_name(c, &p, &h.name)?;
+            let want = value_match(c, &p, h);
+            carriable(c, &p, &want, "a header", b"");
+            Some((name, want))
         })
         .collect();
     RouteMatcher {
@@ -894,21 +924,48 @@ fn value_match(c: &mut Checker<'_>, path: &str, raw: &RawValueMatch) -> ValueMat
     }
 }
 
+/// Refuses a rule value no request could carry, so it could never match: header values
+/// lose surrounding whitespace and hold no control characters (RFC 9110 §5.5); cookie
+/// values also hold no `;`, `,` or `"` (RFC 6265 §4.1.1). Query values are compared
+/// decoded, so any text can be carried there.
+fn carriable(c: &mut Checker<'_>, path: &str, want: &ValueMatch, what: &str, also: &[u8]) {
+    let values: &[String] = match want {
+        ValueMatch::Exact(v) => std::slice::from_ref(v),
+        ValueMatch::AnyOf(vs) => vs,
+        ValueMatch::Present => &[],
+    };
+    for v in values {
+        let bytes = v.as_bytes();
+        let bad = bytes.first().is_some_and(|b| b" \t".contains(b))
+            || bytes.last().is_some_and(|b| b" \t".contains(b))
+            || bytes
+                .iter()
+                .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f || also.contains(&b));
+        if bad {
+            c.error(
+                path,
+                format!(
+                    "no request can carry `{}` in {what}, so this rule would never match",
+                    v.escape_debug()
+                ),
+            );
+        }
+    }
+}
+
 fn rule(c: &mut Checker<'_>, path: &str, raw: &RawRule) -> Rule {
     let mut conditions = Vec::new();
     if let Some(h) = &raw.header
         && let Some(name) = header_name(c, &format!("{path}.header"), &h.name)
     {
-        conditions.push(Condition::Header(
-            name,
-            value_match(c, &format!("{path}.header"), h),
-        ));
+        let want = value_match(c, &format!("{path}.header"), h);
+        carriable(c, &format!("{path}.header"), &want, "a header", b"");
+        conditions.push(Condition::Header(name, want));
     }
     if let Some(k) = &raw.cookie {
-        conditions.push(Condition::Cookie(
-            k.name.clone(),
-            value_match(c, &format!("{path}.cookie"), k),
-        ));
+        let want = value_match(c, &format!("{path}.cookie"), k);
+        carriable(c, &format!("{path}.cookie"), &want, "a cookie", b";,\"");
+        conditions.push(Condition::Cookie(k.name.clone(), want));
     }
     if let Some(q) = &raw.query {
         conditions.push(Condition::Query(

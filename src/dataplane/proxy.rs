@@ -4,7 +4,6 @@
 //! Bodies are never buffered: the client's request body is handed to the upstream request
 //! and the upstream response body to the client's response, frame by frame.
 
-use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -17,6 +16,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rand::RngExt;
 
+use super::admission::{self, EscapedSlashes};
 use super::client_body::{BodyState, BodyWatch, ClientBody};
 use super::decision::Decision;
 use super::head_guard::HeadVerdicts;
@@ -38,7 +38,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers that describe one hop, never the message (RFC 9110 §7.6.1), plus the
 /// non-standard ones proxies still see.
-static HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -47,6 +47,8 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    // Only meaningful with `Upgrade: h2c` (RFC 7540 §3.2.1), which is never passed on.
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Everything a connection needs to proxy requests; shared by all connections. The pooled
@@ -59,15 +61,21 @@ pub struct Proxy {
     /// Fixed at start like the listener's buffers it must agree with.
     max_header_bytes: usize,
     max_body_bytes: usize,
+    escaped_slashes: EscapedSlashes,
 }
 
 impl Proxy {
-    pub fn new(snapshots: SnapshotHandle, limits: &Limits) -> Proxy {
+    pub fn new(
+        snapshots: SnapshotHandle,
+        limits: &Limits,
+        escaped_slashes: EscapedSlashes,
+    ) -> Proxy {
         Proxy {
             snapshots,
             scheme: HeaderValue::from_static("http"),
             max_header_bytes: limits.max_header_bytes,
             max_body_bytes: usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
+            escaped_slashes,
         }
     }
 
@@ -121,17 +129,35 @@ impl Proxy {
             return error.into_response(None).map(Either::Right);
         }
 
+        // One authority and one normal path, or the client's error (see `admission`).
+        let admitted = match admission::admit(
+            req.method(),
+            req.uri(),
+            req.version(),
+            req.headers(),
+            self.escaped_slashes,
+        ) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                let error = ProxyError::BadRequest {
+                    code: refusal.code,
+                    message: refusal.message,
+                    status: StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST),
+                };
+                return error.into_response(None).map(Either::Right);
+            }
+        };
+
         let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(id) if !id.is_empty() => id.clone(),
             _ => new_request_id(),
         };
         let client_ip = peer.ip().to_canonical();
-        let host = request_host(&req);
         let decision = {
             let facts = RequestFacts {
                 method: req.method(),
-                host: host.as_deref(),
-                path: req.uri().path(),
+                host: admitted.host.as_deref(),
+                path: admitted.path.as_deref().unwrap_or(req.uri().path()),
                 query: req.uri().query(),
                 headers: req.headers(),
                 client_ip,
@@ -151,7 +177,16 @@ impl Proxy {
                     && f.methods.contains(req.method())
             });
         let (mut parts, body) = req.into_parts();
-        self.prepare_head(&mut parts, client_ip, &request_id, upgrade);
+        if let Some(path) = &admitted.path {
+            parts.uri = normalized_target(path, parts.uri.query());
+        }
+        self.prepare_head(
+            &mut parts,
+            admitted.authority,
+            client_ip,
+            &request_id,
+            upgrade,
+        );
         let (body, watch) = ClientBody::new(body, self.max_body_bytes);
         let (body, replay) = match failover {
             None => (Either::Left(body), None),
@@ -423,19 +458,18 @@ impl Proxy {
     fn prepare_head(
         &self,
         parts: &mut http::request::Parts,
+        authority: Option<HeaderValue>,
         client_ip: IpAddr,
         request_id: &HeaderValue,
         upgrade: Option<HeaderValue>,
     ) {
-        // An HTTP/2 request carries its host in the URI; HTTP/1.1 upstreams need it as Host.
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
-            && let Ok(value) = HeaderValue::from_str(authority.as_str())
-        {
-            parts.headers.insert(header::HOST, value);
-        }
         let trailers = accepts_trailers(&parts.headers);
         strip_hop_by_hop(&mut parts.headers);
+        // The authority routed on is the one the backend receives, whatever the client's
+        // Host said (absolute form, `:authority`) and whatever its Connection header named.
+        if let Some(authority) = authority {
+            parts.headers.insert(header::HOST, authority);
+        }
         if trailers {
             parts
                 .headers
@@ -562,30 +596,15 @@ fn new_request_id() -> HeaderValue {
         .expect("a UUID is a valid header value")
 }
 
-/// Lower-case host without port, from the URI (HTTP/2, absolute form) or `Host`.
-fn request_host(req: &Request<Incoming>) -> Option<Cow<'_, str>> {
-    let raw = match req.uri().host() {
-        Some(h) => h,
-        None => {
-            let value = req.headers().get(header::HOST)?.to_str().ok()?;
-            strip_port(value)
-        }
+/// The origin-form target for a normalised path, with the query as received.
+fn normalized_target(path: &str, query: Option<&str>) -> Uri {
+    let text = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
     };
-    if raw.bytes().any(|b| b.is_ascii_uppercase()) {
-        Some(Cow::Owned(raw.to_ascii_lowercase()))
-    } else {
-        Some(Cow::Borrowed(raw))
-    }
-}
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        // [v6]:port
-        return host
-            .split_once(']')
-            .map_or(host, |(h, _)| &host[..h.len() + 1]);
-    }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
+    // Normalisation only removes and decodes to unreserved characters, so the result
+    // parses wherever the received target did.
+    Uri::try_from(text).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 /// The protocol to upgrade to, when the client asks for an upgrade (WebSocket).
@@ -596,11 +615,12 @@ fn wants_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    if asks {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
+    // `h2c` would turn the connection to the backend into HTTP/2 behind the proxy's back
+    // (h2c smuggling); like Envoy, the upgrade is dropped and the request served as is.
+    headers
+        .get(header::UPGRADE)
+        .filter(|p| asks && !p.as_bytes().eq_ignore_ascii_case(b"h2c"))
+        .cloned()
 }
 
 /// Whether the client's `TE` lists `trailers`; its other codings are for one hop only.
@@ -766,13 +786,6 @@ mod tests {
             "10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4"
         );
         assert_eq!(headers.get_all(&X_FORWARDED_FOR).iter().count(), 1);
-    }
-
-    #[test]
-    fn ports_are_stripped_from_hosts() {
-        assert_eq!(strip_port("example.com:8080"), "example.com");
-        assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("[::1]:8080"), "[::1]");
     }
 
     #[test]
