@@ -760,7 +760,13 @@ fn check_reads_the_admin_tokens_file() {
 #[test]
 fn a_path_prefix_no_normalised_path_can_have_is_refused() {
     let text = base_with(&[("path_prefix: /api/users", "path_prefix: /api//users")]);
-    expect_one(&text, 15, 27, "/api//users", &["normalised", "`/api/users`"]);
+    expect_one(
+        &text,
+        15,
+        27,
+        "/api//users",
+        &["normalised", "`/api/users`"],
+    );
 }
 
 #[test]

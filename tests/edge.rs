@@ -369,3 +369,113 @@ async fn protocol_corners_are_refused() {
     assert!(echo["headers"].get("upgrade").is_none(), "{echo}");
     assert!(echo["headers"].get("http2-settings").is_none(), "{echo}");
 }
+
+/// A backend whose connections each serve one request, keep-alive, and then close the
+/// moment the next request arrives, as an idle timer firing just then does.
+struct ClosingBackend {
+    addr: std::net::SocketAddr,
+    connections: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ClosingBackend {
+    async fn start() -> ClosingBackend {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = connections.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                count.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    // The first request: its head, and a body if it announces one.
+                    loop {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        let text = String::from_utf8_lossy(&seen).to_ascii_lowercase();
+                        if let Some(end) = text.find("\r\n\r\n") {
+                            let length = text
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            if seen.len() >= end + 4 + length {
+                                break;
+                            }
+                        }
+                    }
+                    let _ = stream
+                        .write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-backend: closing\r\n\r\nok",
+                        )
+                        .await;
+                    // The next request's first bytes: close without a word.
+                    let _ = stream.read(&mut buf).await;
+                });
+            }
+        });
+        ClosingBackend {
+            addr,
+            connections,
+            task,
+        }
+    }
+}
+
+impl Drop for ClosingBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Failing input 2: an idempotent request that meets a pooled connection closing under it
+/// is sent once more on a new one; a POST is not (and its 502 names no backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_pooled_connection_is_retried_for_idempotent_requests_only() {
+    let backend = ClosingBackend::start().await;
+    let proxy = Switchyard::start(&format!(
+        "backends:\n  legacy: {{ endpoints: [\"http://{}\"] }}\ndefault_backend: legacy\n",
+        backend.addr
+    ));
+    let http = client();
+    for i in 0..5 {
+        let (status, _, body) = request(&http, "GET", &proxy.url("/x"), &[]).await;
+        assert_eq!((status.as_u16(), body.as_str()), (200, "ok"), "GET {i}");
+    }
+    // Each GET after the first met a closing connection and was sent again on a new one.
+    let connections = backend
+        .connections
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(connections >= 5, "{connections} connections");
+
+    // A POST on the connection the last GET left in the pool is not replayed.
+    let (status, headers, body) = request(&http, "POST", &proxy.url("/x"), &[]).await;
+    assert_eq!(status, 502, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["code"], "upstream_failed");
+    assert_eq!(
+        error["error"]["request_id"],
+        headers["x-request-id"].to_str().unwrap()
+    );
+    // Clients learn the cause, not the backend's name, address or the OS error.
+    for secret in [
+        "legacy",
+        "127.0.0.1",
+        &backend.addr.port().to_string(),
+        "os error",
+        "closed",
+    ] {
+        assert!(!body.contains(secret), "{secret:?} in {body}");
+    }
+}

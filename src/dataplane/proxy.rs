@@ -302,16 +302,42 @@ impl Proxy {
         )
     }
 
-    /// One try at a backend: pick an endpoint, send, wait for the response head. A failure
-    /// the client's body caused (`watch`) is the client's error, not the backend's.
+    /// One try at a backend. An idempotent request without a body that fails because a
+    /// pooled connection closed under it before any response byte is sent once more, on
+    /// another connection (RFC 9112 §9.3.1, as nginx and Go's client do); others are not.
     async fn attempt(
+        &self,
+        snapshot: &RoutingSnapshot,
+        backend: crate::dataplane::route::BackendId,
+        parts: http::request::Parts,
+        body: UpstreamBody,
+        watch: &BodyWatch,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        use http_body::Body as _;
+        let again =
+            (parts.method.is_idempotent() && body.is_end_stream()).then(|| clone_head(&parts));
+        match self.send(snapshot, backend, parts, body, watch).await {
+            Err(Failure { stale: true, error }) if let Some(head) = again => {
+                tracing::debug!(error = %error, "connection closed before the response; sending once more");
+                let empty = Either::Right(Full::new(Bytes::new()));
+                self.send(snapshot, backend, head, empty, watch)
+                    .await
+                    .map_err(|f| f.error)
+            }
+            result => result.map_err(|f| f.error),
+        }
+    }
+
+    /// Picks an endpoint, sends, waits for the response head. A failure the client's body
+    /// caused (`watch`) is the client's error, not the backend's.
+    async fn send(
         &self,
         snapshot: &RoutingSnapshot,
         backend: crate::dataplane::route::BackendId,
         mut parts: http::request::Parts,
         body: UpstreamBody,
         watch: &BodyWatch,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Incoming>, Failure> {
         let backend = snapshot.backend(backend);
         let endpoint = backend.pick();
         let path_and_query = parts
@@ -324,10 +350,12 @@ impl Proxy {
             .authority(endpoint.authority.clone())
             .path_and_query(path_and_query)
             .build()
-            .map_err(|_| ProxyError::BadRequest {
-                code: "bad_request_target",
-                message: "the request target cannot be forwarded",
-                status: StatusCode::BAD_REQUEST,
+            .map_err(|_| {
+                Failure::from(ProxyError::BadRequest {
+                    code: "bad_request_target",
+                    message: "the request target cannot be forwarded",
+                    status: StatusCode::BAD_REQUEST,
+                })
             })?;
         if backend.client.protocol == UpstreamProtocol::H2 {
             parts.version = Version::HTTP_2;
@@ -336,14 +364,20 @@ impl Proxy {
         let sent = backend.client.client.request(request);
         match tokio::time::timeout(snapshot.timeouts.request, sent).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(client_body_fault(watch, false)
-                .unwrap_or_else(|| classify(e, &backend.name, endpoint))),
-            Err(_) if let Some(fault) = client_body_fault(watch, true) => Err(fault),
+            Ok(Err(e)) => Err(match client_body_fault(watch, false) {
+                Some(fault) => fault.into(),
+                None => Failure {
+                    stale: closed_before_response(&e),
+                    error: classify(e, &backend.name, endpoint),
+                },
+            }),
+            Err(_) if let Some(fault) = client_body_fault(watch, true) => Err(fault.into()),
             Err(_) => Err(ProxyError::Timeout {
                 backend: backend.name.to_string(),
                 endpoint: endpoint.to_string(),
                 timeout_ms: snapshot.timeouts.request.as_millis(),
-            }),
+            }
+            .into()),
         }
     }
 
@@ -490,6 +524,50 @@ impl Proxy {
             .insert(X_REQUEST_ID.clone(), request_id.clone());
         parts.version = Version::HTTP_11;
     }
+}
+
+/// A failed send, and whether the connection closed before any response byte arrived
+/// (so the request may be sent again when it is idempotent).
+struct Failure {
+    error: ProxyError,
+    stale: bool,
+}
+
+impl From<ProxyError> for Failure {
+    fn from(error: ProxyError) -> Failure {
+        Failure {
+            error,
+            stale: false,
+        }
+    }
+}
+
+/// The connection was closed or reset under the request before a response head arrived:
+/// what a backend's idle timer firing just as a pooled connection is reused looks like.
+fn closed_before_response(error: &hyper_util::client::legacy::Error) -> bool {
+    if error.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            )
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// Failover budgets are counted over the rollback window, or this when a route has none.
