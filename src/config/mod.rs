@@ -4,6 +4,7 @@
 //! The file goes raw (`raw`, serde, unknown keys refused) → validated (`validate`, every
 //! problem collected with its file, line and column). Nothing unvalidated leaves this module.
 
+pub mod files;
 pub mod position;
 pub mod raw;
 pub mod reload;
@@ -73,11 +74,16 @@ impl ConfigError {
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read_config(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
     parse(&text, path).map_err(ConfigError::Invalid)
+}
+
+/// The config file's text: a regular file of at most `MAX_CONFIG_BYTES`.
+pub fn read_config(path: &Path) -> std::io::Result<String> {
+    files::read_bounded_text(path, validate::MAX_CONFIG_BYTES as u64)
 }
 
 /// Validates configuration text; `file` only names it in diagnostics.
@@ -99,6 +105,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The TLS listener, when `listen.https` is set.
     pub https: Option<HttpsListen>,
+    /// `listen.escaped_slashes`: encoded `/` and `\` in paths are refused unless `keep`.
+    pub escaped_slashes: crate::dataplane::admission::EscapedSlashes,
     pub admin_listen: SocketAddr,
     /// Resolved against the config file's directory.
     pub admin_tokens_file: Option<PathBuf>,

@@ -76,6 +76,9 @@ pub struct RawListen {
     pub http: String,
     #[serde(default)]
     pub https: Option<RawHttps>,
+    /// `reject` (default) or `keep`: what to do with `%2F`/`%5C` in request paths.
+    #[serde(default)]
+    pub escaped_slashes: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

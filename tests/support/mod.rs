@@ -522,7 +522,13 @@ impl Switchable {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let (st, seen) = (st.clone(), seen.clone());
                         async move {
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            // A body the client broke off arrives here broken too.
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
                             if !body.is_empty() {
                                 seen.lock()
                                     .unwrap()
