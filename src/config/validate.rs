@@ -1194,6 +1194,7 @@ fn sync_and_consistency(
             bidirectional,
             conflict,
             routes,
+            accept_looser_collation: s.accept_looser_collation,
         });
     }
     let mut consistency = Vec::new();
