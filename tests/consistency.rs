@@ -382,3 +382,102 @@ async fn a_database_that_is_down_makes_the_figures_stale() {
     })
     .await;
 }
+
+/// Keys of the rows the check lists as different, as numbers.
+fn different_keys(run: &CheckRun) -> Vec<i64> {
+    let mut keys: Vec<i64> = run.report["different"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["key"][0].as_str().unwrap().parse().unwrap())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separators_inside_values_cannot_hide_a_difference_and_every_differing_row_is_listed() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    for db in [&src, &dst] {
+        db.exec("CREATE TABLE users (id integer PRIMARY KEY, a text, b text)")
+            .await;
+        db.exec("INSERT INTO users SELECT g, 'a' || g, 'b' || g FROM generate_series(2, 3000) g")
+            .await;
+    }
+    // The reported rows: the same characters, split differently between the columns.
+    src.exec("INSERT INTO users VALUES (1, 'x' || chr(31), 'y')")
+        .await;
+    dst.exec("INSERT INTO users VALUES (1, 'x', chr(31) || 'y')")
+        .await;
+    let (_dir, path) = write_config(&pair_yaml(&src, &dst, "id", "", "10/s"));
+    let run = check(&path, false);
+    assert_eq!(run.code, 3, "{} {}", run.report, run.stderr);
+    assert_eq!(different_keys(&run), vec![1], "{}", run.report);
+    // Many differences inside one range: every one of them is listed.
+    dst.exec("UPDATE users SET b = NULL WHERE id % 97 = 0")
+        .await;
+    dst.exec("UPDATE users SET a = a || chr(30) WHERE id % 89 = 0")
+        .await;
+    let mut expected: Vec<i64> = (1..=3000).filter(|k| k % 97 == 0 || k % 89 == 0).collect();
+    expected.insert(0, 1);
+    expected.dedup();
+    let run = check(&path, false);
+    assert_eq!(run.code, 3, "{}", run.report);
+    assert_eq!(different_keys(&run), expected, "{}", run.report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_floats_are_equal_across_engines_and_different_ones_differ() {
+    let src = TestDb::new(Kind::My).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(
+        "CREATE TABLE users (id int PRIMARY KEY, v double, r float, d decimal(10,4)) ENGINE=InnoDB",
+    )
+    .await;
+    dst.exec(
+        "CREATE TABLE users (id int PRIMARY KEY, v double precision, r real, d numeric(10,4))",
+    )
+    .await;
+    src.exec(
+        "INSERT INTO users VALUES (1, 1700000000.123456, 0.1, 1.5), (2, 0.1, 3.4e38, -0.0001), \
+         (3, 1e20, -2.5, 0), (4, -2.5e-300, 1e-30, 123456.7891), (5, NULL, NULL, NULL), \
+         (6, 0.30000000000000004, 16777216, 10)",
+    )
+    .await;
+    let (_dir, path) = write_config(&pair_yaml(&src, &dst, "id", "", "200/s"));
+    install(&path);
+    let proxy = Switchyard::start_file(&path);
+    eventually(Duration::from_secs(20), "the copy", || async {
+        dst.count("users").await == 6
+    })
+    .await;
+    // The copy is exact: the test's own reading of the doubles' digits agrees.
+    let copied = dst.rows("SELECT v::text FROM users WHERE id = 1").await;
+    assert_eq!(copied[0][0].as_deref(), Some("1700000000.123456"));
+    let run = check(&path, false);
+    assert_eq!(run.code, 0, "{} {}", run.report, run.stderr);
+    let s = sampler_agrees(&proxy, 100).await;
+    assert_eq!(s["mismatched"], 0, "{s}");
+    // The next double up, one unit in the last place away, and a decimal digit off.
+    dst.exec("UPDATE users SET v = 1700000000.1234562 WHERE id = 1")
+        .await;
+    dst.exec("UPDATE users SET d = 123456.7892 WHERE id = 4")
+        .await;
+    let run = check(&path, false);
+    assert_eq!(run.code, 3, "{}", run.report);
+    assert_eq!(different_keys(&run), vec![1, 4], "{}", run.report);
+    eventually(
+        Duration::from_secs(30),
+        "the sampler sees row 1 differ",
+        || async {
+            let s = sampled(&proxy).await;
+            s["mismatches"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["key"][0] == "1" && m["columns"][0] == "v")
+        },
+    )
+    .await;
+}

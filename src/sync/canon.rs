@@ -203,7 +203,8 @@ pub fn canon_sql(engine: Engine, col: &str, own: Kind, pair: Kind, purpose: Purp
             Decimal(Some(s)) => format!("CAST(CAST({col} AS DECIMAL(65,{s})) AS CHAR)"),
             Decimal(None) => format!("CAST({col} AS CHAR)"),
             Float => match purpose {
-                Purpose::Copy => format!("CAST({col} AS CHAR)"),
+                // Widened first: MariaDB prints a FLOAT with 6 significant digits.
+                Purpose::Copy => format!("CAST(CAST({col} AS DOUBLE) AS CHAR)"),
                 Purpose::Compare => float_bits_sql(engine, &format!("CAST({col} AS DOUBLE)")),
             },
             // Sessions run in UTC (see engine::Session), so TIMESTAMP columns read as UTC.
