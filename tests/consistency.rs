@@ -481,3 +481,55 @@ async fn equal_floats_are_equal_across_engines_and_different_ones_differ() {
     )
     .await;
 }
+
+/// Lower end of the 95% Wilson score interval, written out here from its textbook formula.
+fn wilson(matched: f64, n: f64) -> f64 {
+    let z = 1.96_f64;
+    let p = matched / n;
+    (p + z * z / (2.0 * n) - z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt())
+        / (1.0 + z * z / n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sampler_estimates_the_share_of_differing_rows_whatever_the_gaps() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    // Keys 1–3001 and one key after a gap; three rows differ, one of them the key after the gap.
+    for db in [&src, &dst] {
+        db.exec(USERS).await;
+        db.exec("INSERT INTO users (id, name, score, note) SELECT g, 'user ' || g, g % 100, 'n' FROM generate_series(1, 3001) g")
+            .await;
+        db.exec("INSERT INTO users (id, name, score, note) VALUES (5000, 'after the gap', 0, 'n')")
+            .await;
+    }
+    dst.exec("UPDATE users SET score = -1 WHERE id IN (5000, 1500, 3001)")
+        .await;
+    let rows = src.count("users").await as f64;
+    let injected = dst
+        .scalar_i64("SELECT COUNT(*) FROM users WHERE score = -1")
+        .await as f64
+        / rows;
+    let (_dir, path) = write_config(&pair_yaml(&src, &dst, "id", "", "2000/s"));
+    let proxy = Switchyard::start_file(&path);
+    eventually(Duration::from_secs(60), "enough samples", || async {
+        sampled(&proxy).await["sampled"].as_u64().unwrap_or(0) >= 12_000
+    })
+    .await;
+    let s = sampled(&proxy).await;
+    let n = s["sampled"].as_f64().unwrap();
+    let matched = s["matched"].as_f64().unwrap();
+    let share = 1.0 - s["ratio"].as_f64().unwrap();
+    // Five standard errors of a binomial share, plus the draws still waiting for a recheck.
+    let tolerance =
+        5.0 * (injected * (1.0 - injected) / n).sqrt() + 2.0 * 500.0 / n * injected + 1.0 / n;
+    assert!(
+        (share - injected).abs() <= tolerance,
+        "sampled share {share} vs injected {injected} (±{tolerance}) in {s}"
+    );
+    let lower = s["lower_bound"].as_f64().unwrap();
+    assert!(
+        (lower - wilson(matched, n)).abs() < 1e-9,
+        "{lower} vs {}",
+        wilson(matched, n)
+    );
+}
