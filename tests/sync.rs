@@ -866,3 +866,83 @@ async fn unique_columns_pg_to_pg() {
 async fn unique_columns_pg_to_mariadb() {
     unique_columns_stay_equal(Kind::My).await;
 }
+
+// ---- Collations ------------------------------------------------------------------------------
+
+fn keyed_yaml(src: &TestDb, dst: &TestDb, key: &str, extra: &str) -> String {
+    format!(
+        "backends:\n  m: {{ endpoints: [\"http://127.0.0.1:9\"] }}\ndefault_backend: m\nsync:\n  - name: users\n    source: {{ url: \"{}\", table: users, key: [{key}] }}\n    target: {{ url: \"{}\", table: users, key: [{key}] }}\n{extra}",
+        src.url(),
+        dst.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_refuses_a_target_key_that_compares_more_loosely_and_the_worker_counts_what_the_target_holds()
+ {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::My).await;
+    src.exec("CREATE TABLE users (k text PRIMARY KEY, email text UNIQUE, v text)")
+        .await;
+    src.exec("INSERT INTO users VALUES ('a', 'x1', '1'), ('A', 'x2', '2'), ('b', 'x3', '3'), ('B', 'x4', '4')")
+        .await;
+    let path_for = |extra: &str| write_config(&keyed_yaml(&src, &dst, "k", extra));
+    // Case-insensitive (the MariaDB default), pad-space, and exact keys.
+    for (ddl, refused) in [
+        (
+            "CREATE TABLE users (k varchar(50) PRIMARY KEY, email varchar(50) COLLATE utf8mb4_nopad_bin UNIQUE, v text)",
+            Some("ignores case"),
+        ),
+        (
+            "CREATE TABLE users (k varchar(50) COLLATE utf8mb4_bin PRIMARY KEY, email varchar(50) COLLATE utf8mb4_nopad_bin UNIQUE, v text)",
+            Some("ignores trailing spaces"),
+        ),
+        (
+            "CREATE TABLE users (k varchar(50) COLLATE utf8mb4_nopad_bin PRIMARY KEY, email varchar(50) UNIQUE, v text)",
+            Some("unique index `email`"),
+        ),
+        (
+            "CREATE TABLE users (k varchar(50) COLLATE utf8mb4_nopad_bin PRIMARY KEY, email varchar(50) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin UNIQUE, v text)",
+            None,
+        ),
+    ] {
+        dst.exec("DROP TABLE IF EXISTS users").await;
+        dst.exec(ddl).await;
+        let (_dir, path) = path_for("");
+        let (ok, out, err) = sync_cli(&path, &["install", "--dry-run"]);
+        match refused {
+            Some(why) => {
+                assert!(!ok, "{ddl}: install accepted it: {out}");
+                assert!(err.contains(why), "{ddl}: {err}");
+                assert!(err.contains("accept_looser_collation"), "{err}");
+            }
+            None => assert!(ok, "{ddl}: {out}{err}"),
+        }
+    }
+    // Accepted explicitly: the rows that collide are never counted as copied.
+    dst.exec("DROP TABLE users").await;
+    dst.exec("CREATE TABLE users (k varchar(50) PRIMARY KEY, email varchar(50), v text)")
+        .await;
+    let (_dir, path) = path_for("    accept_looser_collation: true\n");
+    install(&path);
+    let proxy = Switchyard::start_file(&path);
+    eventually(Duration::from_secs(20), "the backfill ends", || async {
+        sync_status(&proxy).await["phase"] == "stream"
+    })
+    .await;
+    let held = dst.count("users").await;
+    assert_eq!(held, 2, "the target merges a/A and b/B");
+    eventually(
+        Duration::from_secs(10),
+        "the refusal is reported",
+        || async {
+            let s = sync_status(&proxy).await;
+            s["backfill_rows_copied"] == held
+                && s["backfill_rows_total"] == 4
+                && s["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("refused by the target"))
+        },
+    )
+    .await;
+}
