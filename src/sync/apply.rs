@@ -115,7 +115,7 @@ pub(crate) fn key_in(
 ) -> String {
     let e = side.engine();
     in_list(&cols[..key_len], n, first, |p, i| {
-        e.typed_param(p, &side.cols[i].decl)
+        e.value_param(p, &side.cols[i])
     })
 }
 
@@ -254,7 +254,7 @@ pub async fn read_chunk(
         None => String::new(),
         Some(_) => {
             let ps: Vec<String> = (0..plan.key_len)
-                .map(|i| e.typed_param(i + 1, &side.cols[i].decl))
+                .map(|i| e.value_param(i + 1, &side.cols[i]))
                 .collect();
             let rhs = if plan.key_len == 1 {
                 ps[0].clone()

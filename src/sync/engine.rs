@@ -73,6 +73,18 @@ impl Engine {
         }
     }
 
+    /// The bind parameter of a value of `col` in canonical text: bytes travel as hex.
+    pub fn value_param(self, n: usize, col: &ColumnInfo) -> String {
+        if col.kind != Kind::Bytes {
+            return self.typed_param(n, &col.decl);
+        }
+        match self {
+            Engine::Postgres => format!("decode(${n}, 'hex')"),
+            Engine::MySql => "UNHEX(?)".to_string(),
+            Engine::Sqlite => "unhex(?)".to_string(),
+        }
+    }
+
     /// The database's clock as microseconds since the epoch: change times and lag use one
     /// clock per side, so replicas with skewed clocks agree.
     pub fn now_micros_sql(self) -> &'static str {
@@ -86,7 +98,8 @@ impl Engine {
     /// The column type of bookkeeping text columns that must compare byte for byte.
     pub fn key_text_type(self) -> &'static str {
         match self {
-            Engine::MySql => "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+            // NO PAD: `a` and `a ` are different keys.
+            Engine::MySql => "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin",
             _ => "TEXT",
         }
     }

@@ -340,7 +340,7 @@ fn values_list(to: &Side, rows: usize) -> String {
                 .cols
                 .iter()
                 .map(|c| {
-                    let s = e.typed_param(p, &c.decl);
+                    let s = e.value_param(p, c);
                     p += 1;
                     s
                 })
@@ -459,13 +459,7 @@ async fn write_one(
     let set: Vec<String> = to.cols[plan.key_len..]
         .iter()
         .enumerate()
-        .map(|(i, col)| {
-            format!(
-                "{} = {}",
-                to.db.q(&col.name),
-                e.typed_param(i + 1, &col.decl)
-            )
-        })
+        .map(|(i, col)| format!("{} = {}", to.db.q(&col.name), e.value_param(i + 1, col)))
         .collect();
     let sql = format!(
         "UPDATE {} SET {} WHERE {}",
