@@ -356,6 +356,9 @@ pub struct SyncSpec {
     pub conflict: Conflict,
     /// Routes whose rollout gates read this pair's lag and consistency.
     pub routes: Vec<String>,
+    /// Runs the pair although a key or unique column compares more loosely on the target
+    /// than on the source (rows the source keeps apart may then collide on the target).
+    pub accept_looser_collation: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

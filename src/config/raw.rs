@@ -408,6 +408,8 @@ pub struct RawSync {
     /// Routes whose rollouts this pair gates; default: the route named like the pair.
     #[serde(default)]
     pub routes: Option<Vec<String>>,
+    #[serde(default)]
+    pub accept_looser_collation: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -1482,6 +1482,7 @@ fn sync_and_consistency(
             bidirectional,
             conflict,
             routes,
+            accept_looser_collation: s.accept_looser_collation,
         });
     }
     let mut consistency = Vec::new();

@@ -9,6 +9,7 @@ pub mod capture;
 pub mod engine;
 pub mod plan;
 pub mod worker;
+pub mod write;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
