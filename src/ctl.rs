@@ -21,18 +21,26 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
-    /// Admin API base URL
+    // `global`: pipelines put these after the subcommand (`ctl rollout wait users -o json`)
+    // as often as before it.
+    /// Admin API base URL (http:// or https://)
     #[arg(
         long,
+        global = true,
         env = "SWITCHYARD_ADMIN_URL",
         default_value = "http://127.0.0.1:9901"
     )]
     pub admin: String,
     /// Bearer token (default: $SWITCHYARD_ADMIN_TOKEN)
-    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// Output format: tables for people, the API's JSON for scripts.
-    #[arg(long, value_enum, default_value = "table")]
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     pub output: Output,
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -404,7 +412,7 @@ fn progress_line(view: &Value) -> String {
         "{} {} step {}/{} weight {}",
         text(view.get("route")),
         text(view.get("state")),
-        view["step"].as_u64().unwrap_or(0) + 1,
+        view["step"].as_u64().unwrap_or(0),
         steps,
         percent(view.get("weight")),
     );
@@ -442,7 +450,7 @@ pub fn render_rollout(view: &Value) -> String {
             "step".into(),
             format!(
                 "{} of {} [{}]",
-                view["step"].as_u64().unwrap_or(0) + 1,
+                view["step"].as_u64().unwrap_or(0),
                 steps.len(),
                 steps.join(" → ")
             ),
@@ -481,7 +489,7 @@ pub fn render_rollout(view: &Value) -> String {
                 text(h.get("event")),
                 text(h.get("by")),
                 text(h.get("state")),
-                h["step"].as_u64().unwrap_or(0) + 1,
+                h["step"].as_u64().unwrap_or(0),
                 percent(h.get("weight"))
             ),
         ));

@@ -405,7 +405,8 @@ async fn drive(
     let mut findings = Findings::default();
     let mut phases: Vec<Phase> = vec![Phase::new(format!("step 1: {}%", pct(&rollout["weight"])))];
     let mut stage = Stage::Rollout;
-    let mut step = 0usize;
+    // Steps are numbered from 1, as the API reads them.
+    let mut step = 1usize;
     let mut second = Period::default();
     let mut second_started = Instant::now();
     let mut rates = (0.0, 0.0, 0.0, None);
@@ -476,15 +477,11 @@ async fn drive(
                 if now_step != step && rollout_state == "progressing" {
                     step = now_step;
                     close(&mut phases);
-                    phases.push(Phase::new(format!(
-                        "step {}: {}%",
-                        step + 1,
-                        pct(&r["weight"])
-                    )));
+                    phases.push(Phase::new(format!("step {}: {}%", step, pct(&r["weight"]))));
                     view.event(&format!(
                         "[{:5.1}s] step {}/{steps}: weight {}% (every gate held for the bake)",
                         elapsed.as_secs_f64(),
-                        step + 1,
+                        step,
                         pct(&r["weight"])
                     ));
                 }
@@ -514,7 +511,7 @@ async fn drive(
                     let why = format!(
                         "the rollout did not reach 100% within --duration {} (at step {}/{steps})",
                         humantime::format_duration(args.duration),
-                        step + 1
+                        step
                     );
                     view.event(&why);
                     findings.rollout_failed = Some(why);
