@@ -12,6 +12,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod health;
 pub mod lifecycle;
+pub mod outbound;
 pub mod serve;
 pub mod snapshot;
 pub mod sync;

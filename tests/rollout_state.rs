@@ -14,24 +14,12 @@ use serde_json::Value;
 use support::*;
 
 fn config(legacy: &str, target: &str) -> String {
-    [
-        "backends:".to_string(),
-        format!("  legacy: {{ endpoints: [\"{legacy}\"] }}"),
-        format!("  target: {{ endpoints: [\"{target}\"] }}"),
-        "default_backend: legacy".into(),
-        "routes:".into(),
-        "  - name: users".into(),
-        "    match: { path_prefix: /api/users }".into(),
-        "    legacy: legacy".into(),
-        "    target: target".into(),
-        "    split: { percentage: { weight: 0 } }".into(),
-        "    rollback: { max_error_rate: 0.05, window: 2s, min_requests: 5 }".into(),
-        "    rollout:".into(),
-        "      steps: [10, 50, 100]".into(),
-        "      bake: 300ms".into(),
-        String::new(),
-    ]
-    .join("\n")
+    users_route(
+        legacy,
+        target,
+        "{ percentage: { weight: 0 } }",
+        "    rollback: { max_error_rate: 0.05, window: 2s, min_requests: 5 }\n    rollout:\n      steps: [10, 50, 100]\n      bake: 300ms\n",
+    )
 }
 
 async fn json_of(proxy: &Switchyard, path: &str) -> Value {
