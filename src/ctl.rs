@@ -8,32 +8,40 @@
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::{Method, StatusCode, Uri, header};
 use serde_json::{Value, json};
+
+use crate::outbound::{Outbound, error_chain};
 
 /// An operator waiting on a hung admin listener is worse off than one told it timed out.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(clap::Args, Debug)]
 pub struct CtlArgs {
-    /// Admin API base URL
+    // `global`: pipelines put these after the subcommand (`ctl rollout wait users -o json`)
+    // as often as before it.
+    /// Admin API base URL (http:// or https://)
     #[arg(
         long,
+        global = true,
         env = "SWITCHYARD_ADMIN_URL",
         default_value = "http://127.0.0.1:9901"
     )]
     pub admin: String,
     /// Bearer token (default: $SWITCHYARD_ADMIN_TOKEN)
-    #[arg(long, env = "SWITCHYARD_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "SWITCHYARD_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// Output format: tables for people, the API's JSON for scripts.
-    #[arg(long, value_enum, default_value = "table")]
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     pub output: Output,
+    /// A PEM CA file to trust for an https:// admin URL, besides the system's roots.
+    #[arg(long, global = true, env = "SWITCHYARD_ADMIN_CA")]
+    pub cacert: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: CtlCommand,
 }
@@ -187,8 +195,6 @@ const WAIT_POLL: Duration = Duration::from_millis(200);
 pub enum CtlError {
     #[error("admin URL `{url}` is not usable: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("admin URL `{0}` uses https; TLS to the admin API is not supported yet, use http://")]
-    TlsUnsupported(String),
     #[error("`{0}` is not a valid name: use letters, digits, `-`, `_` and `.`")]
     BadName(String),
     #[error("{0}")]
@@ -214,7 +220,6 @@ impl CtlError {
     pub fn code(&self) -> &str {
         match self {
             CtlError::BadUrl { .. } => "bad_url",
-            CtlError::TlsUnsupported(_) => "tls_unsupported",
             CtlError::BadName(_) => "bad_name",
             CtlError::BadArgument(_) => "bad_argument",
             CtlError::Network { .. } => "unreachable",
@@ -264,7 +269,7 @@ pub async fn run(args: CtlArgs) -> i32 {
 
 /// Runs one command and returns its stdout text (ending in a newline).
 pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
-    let api = AdminClient::new(&args.admin, args.token.as_deref())?;
+    let api = AdminClient::new(args)?;
     let reply = match &args.command {
         CtlCommand::Routes => api.call(Method::GET, "/v1/routes", None, None).await?,
         CtlCommand::Route { name } => {
@@ -372,7 +377,7 @@ pub async fn wait(
     timeout: Duration,
     out: &mut dyn std::io::Write,
 ) -> Result<i32, CtlError> {
-    let api = AdminClient::new(&args.admin, args.token.as_deref())?;
+    let api = AdminClient::new(args)?;
     let path = format!("/v1/rollouts/{}", segment(route)?);
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last: Option<String> = None;
@@ -438,7 +443,7 @@ fn progress_line(view: &Value) -> String {
         "{} {} step {}/{} weight {}",
         text(view.get("route")),
         text(view.get("state")),
-        view["step"].as_u64().unwrap_or(0) + 1,
+        view["step"].as_u64().unwrap_or(0),
         steps,
         percent(view.get("weight")),
     );
@@ -476,7 +481,7 @@ pub fn render_rollout(view: &Value) -> String {
             "step".into(),
             format!(
                 "{} of {} [{}]",
-                view["step"].as_u64().unwrap_or(0) + 1,
+                view["step"].as_u64().unwrap_or(0),
                 steps.len(),
                 steps.join(" → ")
             ),
@@ -515,7 +520,7 @@ pub fn render_rollout(view: &Value) -> String {
                 text(h.get("event")),
                 text(h.get("by")),
                 text(h.get("state")),
-                h["step"].as_u64().unwrap_or(0) + 1,
+                h["step"].as_u64().unwrap_or(0),
                 percent(h.get("weight"))
             ),
         ));
@@ -553,10 +558,11 @@ fn finite(what: &str, v: f64) -> Result<f64, CtlError> {
 }
 
 struct AdminClient {
-    /// `host:port` plus any path prefix the admin API is mounted under, without trailing `/`.
+    /// Scheme, `host:port` and any path prefix the admin API is mounted under, without a
+    /// trailing `/`.
     base: String,
     auth: Option<String>,
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Outbound,
 }
 
 struct Reply {
@@ -566,7 +572,8 @@ struct Reply {
 }
 
 impl AdminClient {
-    fn new(admin: &str, token: Option<&str>) -> Result<Self, CtlError> {
+    fn new(args: &CtlArgs) -> Result<Self, CtlError> {
+        let admin = args.admin.as_str();
         let bad = |reason: &str| CtlError::BadUrl {
             url: admin.to_owned(),
             reason: reason.to_owned(),
@@ -577,21 +584,22 @@ impl AdminClient {
                 url: admin.to_owned(),
                 reason: e.to_string(),
             })?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => return Err(CtlError::TlsUnsupported(admin.to_owned())),
-            Some(_) => return Err(bad("only http:// is supported")),
-            None => return Err(bad("write it as http://HOST:PORT")),
-        }
+        let scheme = match uri.scheme_str() {
+            Some(s @ ("http" | "https")) => s,
+            Some(_) => return Err(bad("only http:// and https:// are supported")),
+            None => return Err(bad("write it as http://HOST:PORT or https://HOST:PORT")),
+        };
         let authority = uri.authority().ok_or_else(|| bad("no host"))?;
         if uri.query().is_some() {
             return Err(bad("a query string has no place in the base URL"));
         }
         let prefix = uri.path().trim_end_matches('/');
+        let http = Outbound::new(args.cacert.as_deref(), CALL_TIMEOUT)
+            .map_err(|e| CtlError::BadArgument(e.to_string()))?;
         Ok(AdminClient {
-            base: format!("http://{authority}{prefix}"),
-            auth: token.map(|t| format!("Bearer {t}")),
-            http: Client::builder(TokioExecutor::new()).build_http(),
+            base: format!("{scheme}://{authority}{prefix}"),
+            auth: args.token.as_deref().map(|t| format!("Bearer {t}")),
+            http,
         })
     }
 
@@ -603,28 +611,20 @@ impl AdminClient {
         if_match: Option<&str>,
     ) -> Result<Reply, CtlError> {
         let url = format!("{}{path}", self.base);
-        match tokio::time::timeout(CALL_TIMEOUT, self.call_inner(&url, method, body, if_match))
-            .await
-        {
-            Ok(result) => result,
-            Err(_) => Err(CtlError::Timeout { url }),
-        }
-    }
-
-    async fn call_inner(
-        &self,
-        url: &str,
-        method: Method,
-        body: Option<Value>,
-        if_match: Option<&str>,
-    ) -> Result<Reply, CtlError> {
-        let network = |reason: String| CtlError::Network {
-            url: url.to_owned(),
-            reason,
+        let network = |e: reqwest::Error| {
+            if e.is_timeout() {
+                CtlError::Timeout { url: url.clone() }
+            } else {
+                CtlError::Network {
+                    url: url.clone(),
+                    reason: error_chain(&e),
+                }
+            }
         };
-        let mut req = Request::builder()
-            .method(method)
-            .uri(url)
+        let mut req = self
+            .http
+            .client()
+            .request(method, &url)
             .header(header::ACCEPT, "application/json")
             .header(
                 header::USER_AGENT,
@@ -636,48 +636,30 @@ impl AdminClient {
         if let Some(tag) = if_match {
             req = req.header(header::IF_MATCH, quote_etag(tag));
         }
-        let payload = match &body {
-            Some(v) => {
-                req = req.header(header::CONTENT_TYPE, "application/json");
-                Bytes::from(v.to_string())
-            }
-            None => Bytes::new(),
-        };
+        if let Some(v) = &body {
+            req = req.json(v);
+        }
         // Fails only on a header value the user typed (token, If-Match) that HTTP cannot carry.
-        let req = req.body(Full::new(payload)).map_err(|e| {
+        let req = req.build().map_err(|e| {
             CtlError::BadArgument(format!("cannot build the request: {}", error_chain(&e)))
         })?;
-
-        let resp = self
-            .http
-            .request(req)
-            .await
-            .map_err(|e| network(error_chain(&e)))?;
+        let resp = self.http.client().execute(req).await.map_err(network)?;
         let status = resp.status();
         let etag = resp
             .headers()
             .get(header::ETAG)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
-        let bytes = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| network(error_chain(&e)))?
-            .to_bytes();
+        let bytes = resp.bytes().await.map_err(network)?;
 
         if !status.is_success() {
             return Err(api_error(status, &bytes, self.auth.is_none()));
         }
         let body = serde_json::from_slice(&bytes).map_err(|e| CtlError::BadJson {
-            url: url.to_owned(),
+            url: url.clone(),
             reason: e.to_string(),
         })?;
-        Ok(Reply {
-            url: url.to_owned(),
-            etag,
-            body,
-        })
+        Ok(Reply { url, etag, body })
     }
 }
 
@@ -730,21 +712,6 @@ fn api_error(status: StatusCode, body: &[u8], no_token: bool) -> CtlError {
         code,
         message,
     }
-}
-
-/// Walks `source()` because hyper's top-level errors ("client error (Connect)") hide the
-/// useful part ("Connection refused").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(inner) = cur {
-        let s = inner.to_string();
-        if !out.contains(&s) {
-            let _ = write!(out, ": {s}");
-        }
-        cur = inner.source();
-    }
-    out
 }
 
 // ---- rendering: all of it returns Strings so tests can check it without stdout ----
@@ -1079,6 +1046,7 @@ mod tests {
             admin: admin.to_owned(),
             token: token.map(str::to_owned),
             output,
+            cacert: None,
             command,
         }
     }
@@ -1198,7 +1166,6 @@ mod tests {
     #[tokio::test]
     async fn bad_urls_and_names_fail_before_sending() {
         for (url, code) in [
-            ("https://127.0.0.1:9901", "tls_unsupported"),
             ("127.0.0.1:9901", "bad_url"),
             ("ftp://x", "bad_url"),
             ("http://", "bad_url"),

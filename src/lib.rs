@@ -13,6 +13,7 @@ pub mod dberror;
 pub mod demo;
 pub mod health;
 pub mod lifecycle;
+pub mod outbound;
 pub mod serve;
 pub mod snapshot;
 pub mod sync;

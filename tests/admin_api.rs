@@ -776,40 +776,40 @@ async fn invalid_changes_are_refused_audited_and_change_nothing() {
             "PUT",
             "/v1/routes/nosuch/weight",
             Some(r#"{"weight": 10}"#),
-            422,
-            "unknown_name",
+            404,
+            "not_found",
             Some(("set_weight", "nosuch", false)),
         ),
         (
             "POST",
             "/v1/routes/nosuch/switch",
             Some(r#"{"active": "target"}"#),
-            422,
-            "unknown_name",
+            404,
+            "not_found",
             Some(("switch", "nosuch", false)),
         ),
         (
             "POST",
             "/v1/routes/nosuch/rollback",
             None,
-            422,
-            "unknown_name",
+            404,
+            "not_found",
             Some(("rollback", "nosuch", false)),
         ),
         (
             "POST",
             "/v1/routes/nosuch/reset",
             None,
-            422,
-            "unknown_name",
+            404,
+            "not_found",
             Some(("reset", "nosuch", false)),
         ),
         (
             "PUT",
             "/v1/flags/nosuch",
             Some(r#"{"percentage": 10}"#),
-            422,
-            "unknown_name",
+            404,
+            "not_found",
             Some(("set_flag", "nosuch", false)),
         ),
         (
@@ -1099,8 +1099,9 @@ async fn switch_rollback_and_reset_through_the_api() {
             .is_some_and(|a| a.ends_with('Z'))
     );
     assert_eq!(
-        view["weight"]["in_force"], 100.0,
-        "the weight itself is kept"
+        view["weight"],
+        json!({ "in_force": 0.0, "file": 0.0, "runtime": 100.0, "source": "rollback" }),
+        "nothing reaches the target while rolled back; the weight set is kept"
     );
     all_answered_by(&proxy, "/api/users/1", "legacy", 50).await;
     assert_eq!(admin.route("users").await["state"], "rolled_back");
@@ -1188,11 +1189,11 @@ async fn a_flag_percentage_set_through_the_api_moves_a_feature_flag_route() {
     assert_eq!(flag["percentage"]["in_force"], 0.0);
     assert_eq!(flag["percentage"]["source"], "runtime");
 
-    // Unknown flags: a change is 422 unknown_name, a read is 404.
+    // Unknown flags: 404 for a change as for a read.
     admin
         .set_flag("nosuch", json!(10))
         .await
-        .expect_error(422, "unknown_name");
+        .expect_error(404, "not_found");
     admin
         .get("/v1/flags/nosuch")
         .await
@@ -1545,9 +1546,13 @@ async fn the_audit_log_names_who_changed_what_newest_first() {
         ),
         (json!(0.0), json!(50.0))
     );
-    assert_eq!(weights(&entries[1]).0, json!(25.5));
+    // While rolled back nothing reaches the target: in force 0, the runtime weight kept.
+    assert_eq!(weights(&entries[1]).0, json!(0.0));
+    assert_eq!(entries[1]["before"]["weight"]["runtime"], 25.5);
+    assert_eq!(entries[1]["before"]["weight"]["source"], "rollback");
     assert!(entries[1]["after"].is_null());
-    assert_eq!(weights(&entries[0]), (json!(25.5), json!(0.0)));
+    assert_eq!(weights(&entries[0]), (json!(0.0), json!(0.0)));
+    assert_eq!(entries[0]["before"]["weight"]["runtime"], 25.5);
     assert_eq!(entries[0]["before"]["state"], "rolled_back");
     assert_eq!(entries[0]["after"]["weight"]["source"], "file");
     for e in &entries {

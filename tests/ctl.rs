@@ -161,7 +161,7 @@ async fn errors_exit_1_with_the_apis_message() {
         (None, &["routes"], "unauthorized"),
         (Some("wrong"), &["routes"], "unauthorized"),
         (Some(TOKEN), &["route", "nope"], "not_found"),
-        (Some(TOKEN), &["weight", "nope", "5"], "unknown_name"),
+        (Some(TOKEN), &["weight", "nope", "5"], "not_found"),
         (Some(TOKEN), &["weight", "users", "101"], "invalid"),
         (Some(TOKEN), &["weight", "checkout", "5"], "invalid"),
     ];

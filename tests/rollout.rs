@@ -314,7 +314,7 @@ async fn a_target_failing_mid_rollout_is_rolled_back_within_a_second_and_announc
     let samples = load(&proxy, 150, stop.clone());
     command(&proxy, "start", "").await;
     wait_state(&proxy, Duration::from_secs(10), "step 2 (50%)", |v| {
-        v["step"] == 1
+        v["step"] == 2
     })
     .await;
     let waiting = spawn_wait(&proxy, "30s");
@@ -355,7 +355,7 @@ async fn a_target_failing_mid_rollout_is_rolled_back_within_a_second_and_announc
     let rb = bodies.iter().find(|b| b["event"] == "rollback").unwrap();
     assert_eq!(rb["route"], "users");
     assert_eq!(rb["reason"], "error_rate");
-    assert_eq!(rb["step"], 1, "{rb}");
+    assert_eq!(rb["step"], 2, "steps count from 1: {rb}");
     assert_eq!(rb["weight"], 50.0, "{rb}");
     assert!(
         bodies
@@ -409,7 +409,7 @@ async fn a_webhook_gate_answering_500_holds_the_step_and_200_lets_it_go() {
         let v = rollout(&proxy).await;
         assert_eq!(
             (v["state"].as_str(), v["step"].as_u64()),
-            (Some("progressing"), Some(0)),
+            (Some("progressing"), Some(1)),
             "{v}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -449,7 +449,7 @@ async fn a_restart_mid_bake_resumes_the_same_step_with_the_bake_left() {
         &proxy,
         Duration::from_secs(10),
         "1.5 s baked at step 2",
-        |v| v["step"] == 1 && v["baked_s"].as_f64().unwrap() >= 1.5,
+        |v| v["step"] == 2 && v["baked_s"].as_f64().unwrap() >= 1.5,
     )
     .await;
     drop(proxy); // SIGKILL: no chance to save anything more
@@ -457,7 +457,7 @@ async fn a_restart_mid_bake_resumes_the_same_step_with_the_bake_left() {
     let proxy = Switchyard::start_file(&path);
     let after = rollout(&proxy).await;
     assert_eq!(after["state"], "progressing", "{after}");
-    assert_eq!(after["step"], 1, "same step after the restart: {after}");
+    assert_eq!(after["step"], 2, "same step after the restart: {after}");
     let baked = after["baked_s"].as_f64().unwrap();
     assert!(
         baked >= 1.0 && baked <= before["baked_s"].as_f64().unwrap(),
@@ -470,7 +470,7 @@ async fn a_restart_mid_bake_resumes_the_same_step_with_the_bake_left() {
         &proxy,
         Duration::from_secs(15),
         "step 3 after the restart",
-        |v| v["step"] == 2,
+        |v| v["step"] == 3,
     )
     .await;
 }
@@ -651,7 +651,7 @@ async fn with_a_shared_postgres_store_one_replica_leads_and_another_takes_over()
         &follower,
         Duration::from_secs(10),
         "the follower sees step 2",
-        |v| v["step"] == 1,
+        |v| v["step"] == 2,
     )
     .await;
     drop(leader); // SIGKILL: the lease is not released

@@ -143,7 +143,7 @@ async fn sync_lag_above_the_gate_holds_the_step_until_it_recovers() {
     })
     .await;
     assert_eq!(
-        view["step"], 0,
+        view["step"], 1,
         "advanced while the lag gate failed: {view:#}"
     );
     assert_eq!(view["state"], "progressing");
@@ -187,6 +187,9 @@ async fn a_data_mismatch_holds_then_rolls_back_for_data_integrity() {
         ))
         .await;
     }
+    let (status, body) = admin_call(proxy, "POST", "/v1/rollouts/users/start", "").await;
+    assert_eq!(status, 200, "{body}");
+    // Waits on a started rollout: `wait` on an idle one is a usage error.
     let waiter = {
         let admin = proxy.admin_url("");
         std::thread::spawn(move || {
@@ -207,8 +210,6 @@ async fn a_data_mismatch_holds_then_rolls_back_for_data_integrity() {
                 .unwrap()
         })
     };
-    let (status, body) = admin_call(proxy, "POST", "/v1/rollouts/users/start", "").await;
-    assert_eq!(status, 200, "{body}");
     let held = wait_for(
         proxy,
         Duration::from_secs(20),
@@ -224,7 +225,7 @@ async fn a_data_mismatch_holds_then_rolls_back_for_data_integrity() {
         },
     )
     .await;
-    assert_eq!(held["step"], 0);
+    assert_eq!(held["step"], 1);
     // Now a quarter of the rows: below rollback.min_consistency.
     for id in (2..=400).step_by(4) {
         dst.exec(&format!(

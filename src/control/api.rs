@@ -11,10 +11,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::auth::Tokens;
-use super::plane::{Change, ControlError, ControlPlane, RolloutAction};
+use super::plane::{Change, Changed, ControlError, ControlPlane, RolloutAction};
 use super::rollout::{Command, RolloutError};
 
 const OPENAPI: &str = include_str!("openapi.json");
@@ -71,6 +71,15 @@ impl ApiError {
     }
 }
 
+/// 404 for a route or flag name that does not exist.
+fn not_found(kind: &str, name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("{kind} `{name}` does not exist"),
+    )
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({ "error": { "code": self.code, "message": self.message } });
@@ -81,11 +90,12 @@ impl IntoResponse for ApiError {
 impl From<ControlError> for ApiError {
     fn from(e: ControlError) -> ApiError {
         let (status, code) = match &e {
-            // A change naming a route or flag that does not exist is an invalid request
-            // (422); reading one is 404 (see the GET handlers).
+            // The path names the route or flag: a name that does not exist is 404, for
+            // reads and writes alike (contract §10).
             ControlError::UnknownRoute(_) | ControlError::UnknownFlag(_) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "unknown_name")
+                (StatusCode::NOT_FOUND, "not_found")
             }
+            ControlError::RolloutInProgress { .. } => (StatusCode::CONFLICT, "rollout_in_progress"),
             ControlError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid"),
             ControlError::Stale { .. } => (StatusCode::PRECONDITION_FAILED, "precondition_failed"),
             ControlError::StoreUnavailable(_) => {
@@ -134,15 +144,17 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
     next.run(req).await
 }
 
-fn with_etag(view: Value) -> Response {
-    let etag = view["etag"]
-        .as_str()
-        .and_then(|e| HeaderValue::from_str(e).ok());
+fn with_etag<T: serde::Serialize>(etag: &str, view: &T) -> Response {
+    let etag = HeaderValue::from_str(etag).ok();
     let mut response = axum::Json(view).into_response();
     if let Some(etag) = etag {
         response.headers_mut().insert(header::ETAG, etag);
     }
     response
+}
+
+fn changed(view: Changed) -> Result<Response, ApiError> {
+    Ok(with_etag(view.etag(), &view))
 }
 
 fn if_match(headers: &HeaderMap) -> Option<&str> {
@@ -157,13 +169,11 @@ async fn get_route(
     State(s): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    s.control.route(&name).await.map(with_etag).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("route `{name}` does not exist"),
-        )
-    })
+    s.control
+        .route(&name)
+        .await
+        .map(|v| with_etag(&v.etag, &v))
+        .ok_or_else(|| not_found("route", &name))
 }
 
 #[derive(Deserialize)]
@@ -184,9 +194,7 @@ async fn set_weight(
         route: name,
         percent: body.weight,
     };
-    Ok(with_etag(
-        s.control.change(&actor, change, if_match(&headers)).await?,
-    ))
+    changed(s.control.change(&actor, change, if_match(&headers)).await?)
 }
 
 #[derive(Deserialize)]
@@ -207,9 +215,7 @@ async fn switch(
         route: name,
         active: body.active,
     };
-    Ok(with_etag(
-        s.control.change(&actor, change, if_match(&headers)).await?,
-    ))
+    changed(s.control.change(&actor, change, if_match(&headers)).await?)
 }
 
 #[derive(Deserialize, Default)]
@@ -237,9 +243,7 @@ async fn rollback(
         route: name,
         reason: body.reason.unwrap_or_else(|| "manual".to_string()),
     };
-    Ok(with_etag(
-        s.control.change(&actor, change, if_match(&headers)).await?,
-    ))
+    changed(s.control.change(&actor, change, if_match(&headers)).await?)
 }
 
 async fn reset(
@@ -249,9 +253,7 @@ async fn reset(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let change = Change::Reset { route: name };
-    Ok(with_etag(
-        s.control.change(&actor, change, if_match(&headers)).await?,
-    ))
+    changed(s.control.change(&actor, change, if_match(&headers)).await?)
 }
 
 async fn list_flags(State(s): State<ApiState>) -> Response {
@@ -262,13 +264,11 @@ async fn get_flag(
     State(s): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    s.control.flag(&name).await.map(with_etag).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("flag `{name}` does not exist"),
-        )
-    })
+    s.control
+        .flag(&name)
+        .await
+        .map(|v| with_etag(&v.etag, &v))
+        .ok_or_else(|| not_found("flag", &name))
 }
 
 #[derive(Deserialize)]
@@ -289,9 +289,7 @@ async fn set_flag(
         flag: name,
         percent: body.percentage,
     };
-    Ok(with_etag(
-        s.control.change(&actor, change, if_match(&headers)).await?,
-    ))
+    changed(s.control.change(&actor, change, if_match(&headers)).await?)
 }
 
 #[derive(Deserialize)]
@@ -327,11 +325,7 @@ async fn get_rollout(
 ) -> Result<Response, ApiError> {
     match s.control.rollout_view(&route).await {
         Ok(view) => Ok(axum::Json(view).into_response()),
-        Err(ControlError::UnknownRoute(_)) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("route `{route}` does not exist"),
-        )),
+        Err(ControlError::UnknownRoute(_)) => Err(not_found("route", &route)),
         Err(e) => Err(e.into()),
     }
 }
@@ -369,13 +363,7 @@ async fn rollout_command(
     match s.control.change(actor, change, None).await {
         Ok(_) => {}
         // A route that does not exist is 404 here, as for reads: the path names it.
-        Err(ControlError::UnknownRoute(_)) => {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("route `{route}` does not exist"),
-            ));
-        }
+        Err(ControlError::UnknownRoute(_)) => return Err(not_found("route", &route)),
         Err(e) => return Err(e.into()),
     }
     Ok(axum::Json(s.control.rollout_view(&route).await?).into_response())

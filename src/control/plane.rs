@@ -1,7 +1,8 @@
 //! `ControlPlane`: the one path by which routing changes. The file's config and the runtime
-//! overrides together are the desired state; every change (admin API, config reload, another
-//! replica's write) goes validate → write the store → publish the snapshot, in that order, and
-//! a change the store did not take is not published.
+//! overrides together are the desired state; every operator change goes plan (under the
+//! in-memory state lock) → write the store (lock released) → publish (lock re-taken), and a
+//! change the store did not take is not published. A health rollback is the one exception:
+//! published at once, recorded in the store after. No store I/O ever runs under the state lock.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,13 +11,14 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+use super::model::{self, FlagView, RolloutView, RouteView};
 use super::overrides::{self, FlagOverride, Overrides, RollbackMark, RouteOverride};
 use super::rollout::{self, RolloutError, RolloutRecord, Routing, Transition, Walk};
 use super::store::{AuditEntry, Engine, StateStore, StateWrite, StoreError, now_rfc3339};
 use super::webhook;
 use crate::config::Config;
 use crate::dataplane::route::Route;
-use crate::dataplane::split::{Flag, Side, Split, StickyKey, Weight};
+use crate::dataplane::split::{Side, Split, Weight};
 use crate::health::monitor::Breach;
 use crate::lifecycle::Shutdown;
 use crate::snapshot::Publisher;
@@ -36,6 +38,14 @@ pub enum ControlError {
     StoreUnavailable(String),
     #[error("another replica changed the state at the same moment; retry")]
     Conflict,
+    #[error(
+        "route `{route}` has a rollout progressing (step {step} of {steps}), which sets its routing; pause it (`switchyard ctl rollout pause {route}`) or abort it (`switchyard ctl rollout abort {route}`) first"
+    )]
+    RolloutInProgress {
+        route: String,
+        step: usize,
+        steps: usize,
+    },
     #[error(transparent)]
     Rollout(#[from] RolloutError),
 }
@@ -148,11 +158,55 @@ struct Desired {
     unrecorded_rollbacks: std::collections::BTreeSet<String>,
 }
 
+/// What a change reads back: the view of the route or flag it changed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(untagged)]
+pub enum Changed {
+    Route(Box<RouteView>),
+    Flag(FlagView),
+}
+
+impl Changed {
+    pub fn etag(&self) -> &str {
+        match self {
+            Changed::Route(v) => &v.etag,
+            Changed::Flag(v) => &v.etag,
+        }
+    }
+
+    /// The view as the audit log keeps it: without the ETag and the live figures.
+    fn audited(&self) -> Value {
+        let mut value = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = value.as_object_mut() {
+            map.remove("etag");
+            map.remove("health");
+        }
+        value
+    }
+}
+
+/// A change planned under the state lock, to be written to the store with the lock released.
+struct Planned {
+    before: Changed,
+    after: Changed,
+    write: StateWrite,
+    overrides: Overrides,
+    /// The route's rollback mark when the change was planned: a different one found when it
+    /// is published came from a health rollback in between, which stays in force.
+    mark: Option<RollbackMark>,
+}
+
 pub struct ControlPlane {
     publisher: Arc<Publisher>,
-    desired: Mutex<Desired>,
+    /// Desired state and publishing. A std mutex on purpose: it cannot be held across an
+    /// `.await`, so no store call, webhook or other I/O ever runs under it, and a health
+    /// rollback (which takes only this lock) never waits on the database.
+    desired: std::sync::Mutex<Desired>,
+    /// Orders this replica's store writes (operator changes, rollback persistence, reads of
+    /// the store's state). Held across store I/O; the rollback path never takes it.
+    writer: Mutex<()>,
     /// `None` until the store has been reached once.
-    store: Mutex<Option<StateStore>>,
+    store: std::sync::Mutex<Option<StateStore>>,
     store_url: String,
     store_ok: AtomicBool,
     feeds: crate::telemetry::Feeds,
@@ -164,16 +218,21 @@ impl ControlPlane {
         ControlPlane {
             publisher,
             store_url: config.state_url.clone(),
-            desired: Mutex::new(Desired {
+            desired: std::sync::Mutex::new(Desired {
                 config,
                 overrides: Overrides::default(),
                 unrecorded_rollbacks: Default::default(),
             }),
-            store: Mutex::new(None),
+            writer: Mutex::new(()),
+            store: std::sync::Mutex::new(None),
             store_ok: AtomicBool::new(false),
             feeds: crate::telemetry::Feeds::default(),
             board: Default::default(),
         }
+    }
+
+    fn desired(&self) -> std::sync::MutexGuard<'_, Desired> {
+        self.desired.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The rollout controller's latest gate figures per route, for the API and webhooks.
@@ -196,14 +255,14 @@ impl ControlPlane {
     pub async fn connect_store(&self) -> Result<(), StoreError> {
         let store = StateStore::connect(&self.store_url).await?;
         self.adopt_from(&store).await?;
-        *self.store.lock().await = Some(store);
+        *self.store.lock().unwrap_or_else(|e| e.into_inner()) = Some(store);
         self.store_ok.store(true, Ordering::Relaxed);
         Ok(())
     }
 
     /// A new file config (reload): published with the overrides still on top.
     pub async fn set_config(&self, config: Config) -> u64 {
-        let mut desired = self.desired.lock().await;
+        let mut desired = self.desired();
         desired.config = config;
         self.publish(&desired)
     }
@@ -213,13 +272,13 @@ impl ControlPlane {
         self.publisher.publish(&effective)
     }
 
-    /// Overrides read from the store (at start, or another replica's change).
-    /// Reads the store's overrides and applies them. The read happens under the state lock:
-    /// a change of this process commits under the same lock, so a read can never return a
-    /// state older than one this process already published.
+    /// Reads the store's overrides (at start, or another replica's change) and applies them.
+    /// The read happens under the writer lock: a change of this process commits under the
+    /// same lock, so a read can never return a state older than one this process published.
     async fn adopt_from(&self, store: &StateStore) -> Result<(), StoreError> {
-        let mut desired = self.desired.lock().await;
+        let _writing = self.writer.lock().await;
         let mut overrides = store.load().await?;
+        let mut desired = self.desired();
         // A health rollback is in force before it is recorded; until it is, the store does
         // not know it, and must not undo it.
         for route in &desired.unrecorded_rollbacks {
@@ -240,8 +299,8 @@ impl ControlPlane {
         Ok(())
     }
 
-    async fn current_store(&self) -> Option<StateStore> {
-        self.store.lock().await.clone()
+    fn current_store(&self) -> Option<StateStore> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Keeps this replica in step with the store: reconnects with backoff while it is down,
@@ -252,7 +311,7 @@ impl ControlPlane {
         let mut last_version = None;
         let mut listener: Option<sqlx::postgres::PgListener> = None;
         loop {
-            if self.current_store().await.is_none() {
+            if self.current_store().is_none() {
                 match self.connect_store().await {
                     Ok(()) => backoff = Duration::from_millis(250),
                     Err(e) => {
@@ -266,7 +325,7 @@ impl ControlPlane {
                     }
                 }
             }
-            let Some(store) = self.current_store().await else {
+            let Some(store) = self.current_store() else {
                 continue;
             };
             if listener.is_none() && store.engine() == Engine::Postgres {
@@ -306,92 +365,111 @@ impl ControlPlane {
 
     /// A health rollback. Unlike an operator's change it is published first and persisted
     /// after: sending users back to the monolith must not wait for, or depend on, the store.
+    /// It takes only the in-memory state lock, which no store call is ever made under.
     pub async fn auto_rollback(self: &Arc<Self>, route: &str, breach: Breach) {
-        let mut desired = self.desired.lock().await;
-        if desired
-            .overrides
-            .routes
-            .get(route)
-            .is_some_and(|o| o.rollback.is_some())
-        {
-            return;
-        }
-        let Some(before) = route_view(&desired, route) else {
-            return;
-        };
         let reason = format!("{}: {}", breach.reason, breach.detail);
-        let o = desired
-            .overrides
-            .routes
-            .entry(route.to_string())
-            .or_default();
-        o.rollback = Some(RollbackMark {
-            at: now_rfc3339(),
-            by: HEALTH_ACTOR.to_string(),
-            reason: reason.clone(),
-        });
-        let value = o.clone();
-        desired.unrecorded_rollbacks.insert(route.to_string());
-        let version = self.publish(&desired);
-        tracing::error!(version, route, reason = %reason, figures = %breach.figures, "route rolled back to legacy");
-        self.announce_rollback(
-            &desired,
-            route,
-            breach.reason,
-            &reason,
-            Some(breach.figures.clone()),
-        );
-        let after = route_view(&desired, route).unwrap_or_default();
-        drop(desired);
-
-        let mut entry = audit_entry(
-            HEALTH_ACTOR,
-            &Change::Rollback {
-                route: route.to_string(),
+        let (mark, entry) = {
+            let mut desired = self.desired();
+            if desired
+                .overrides
+                .routes
+                .get(route)
+                .is_some_and(|o| o.rollback.is_some())
+            {
+                return;
+            }
+            let Some(before) = view_of(&desired, &Target::Route(route)) else {
+                return;
+            };
+            let mark = RollbackMark {
+                at: now_rfc3339(),
+                by: HEALTH_ACTOR.to_string(),
                 reason: reason.clone(),
-            },
-            Some(strip_etag(&before)),
-            Some(strip_etag(&after)),
-            "applied",
-            Some(format!("{reason}; figures: {}", breach.figures)),
-        );
-        let mark = value.rollback;
+            };
+            desired
+                .overrides
+                .routes
+                .entry(route.to_string())
+                .or_default()
+                .rollback = Some(mark.clone());
+            desired.unrecorded_rollbacks.insert(route.to_string());
+            let version = self.publish(&desired);
+            tracing::error!(version, route, reason = %reason, figures = %breach.figures, "route rolled back to legacy");
+            self.announce_rollback(
+                &desired,
+                route,
+                breach.reason,
+                &reason,
+                Some(breach.figures.clone()),
+            );
+            let after = view_of(&desired, &Target::Route(route)).unwrap_or(before.clone());
+            let entry = audit_entry(
+                HEALTH_ACTOR,
+                &Change::Rollback {
+                    route: route.to_string(),
+                    reason: reason.clone(),
+                },
+                Some(before.audited()),
+                Some(after.audited()),
+                "applied",
+                Some(format!("{reason}; figures: {}", breach.figures)),
+            );
+            (mark, entry)
+        };
         let this = self.clone();
-        let route_name = route.to_string();
+        let route = route.to_string();
         // Persisting is retried in the background until it succeeds; the rollback is already
-        // in force. Each try commits under the state lock and only while this rollback is
-        // still the route's state, so an operator's later change is never overwritten.
-        tokio::spawn(async move {
-            let mut delay = Duration::ZERO;
-            loop {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
-                let mut desired = this.desired.lock().await;
-                let current = desired.overrides.routes.get(&route_name).cloned();
-                if !desired.unrecorded_rollbacks.contains(&route_name)
-                    || current.as_ref().and_then(|o| o.rollback.as_ref()) != mark.as_ref()
+        // in force.
+        tokio::spawn(async move { this.record_rollback(&route, &mark, entry).await });
+    }
+
+    /// Writes a health rollback to the store, retrying while the store is down. Each try
+    /// holds the writer lock and writes only while this rollback is still the route's
+    /// state, so an operator's later change is never overwritten.
+    async fn record_rollback(&self, route: &str, mark: &RollbackMark, mut entry: AuditEntry) {
+        let mut delay = Duration::ZERO;
+        loop {
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
+            let _writing = self.writer.lock().await;
+            let current = {
+                let desired = self.desired();
+                let current = desired.overrides.routes.get(route).cloned();
+                if !desired.unrecorded_rollbacks.contains(route)
+                    || current.as_ref().and_then(|o| o.rollback.as_ref()) != Some(mark)
                 {
                     return;
                 }
-                let Some(store) = this.current_store().await else {
-                    continue;
-                };
-                let write = StateWrite::Route {
-                    name: route_name.clone(),
-                    value: current.unwrap_or_default(),
-                };
-                entry.at = now_rfc3339();
-                match store.commit(&write, &entry).await {
-                    Ok(_) => {
-                        desired.unrecorded_rollbacks.remove(&route_name);
-                        return;
+                current.unwrap_or_default()
+            };
+            let Some(store) = self.current_store() else {
+                continue;
+            };
+            let write = StateWrite::Route {
+                name: route.to_string(),
+                value: current,
+            };
+            entry.at = now_rfc3339();
+            match store.commit(&write, &entry).await {
+                Ok(_) => {
+                    let mut desired = self.desired();
+                    let still = desired
+                        .overrides
+                        .routes
+                        .get(route)
+                        .and_then(|o| o.rollback.as_ref())
+                        == Some(mark);
+                    if still {
+                        desired.unrecorded_rollbacks.remove(route);
                     }
-                    Err(e) => {
-                        tracing::warn!(error = %e, route = %route_name, "cannot record the rollback yet; retrying")
-                    }
+                    tracing::info!(route, "rollback recorded in the state store");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, route, "cannot record the rollback yet; retrying")
                 }
             }
-        });
+        }
     }
 
     fn announce_rollback(
@@ -424,7 +502,8 @@ impl ControlPlane {
             && let Some(record) = desired.overrides.rollouts.get(route)
             && record.phase.is_running()
         {
-            payload["step"] = json!(record.step);
+            payload["step"] = json!(model::shown_step(record));
+            payload["steps"] = json!(walk.len());
             payload["weight"] = json!(walk.weight(record.step).percent());
             payload["gates"] = self.board.gates_json(route);
         }
@@ -457,7 +536,7 @@ impl ControlPlane {
                 "event": event,
                 "route": route,
                 "state": record.phase.as_str(),
-                "step": record.step,
+                "step": model::shown_step(record),
                 "steps": walk.len(),
                 "weight": rollout::shown_weight(&walk, record),
                 "by": last.by,
@@ -468,10 +547,9 @@ impl ControlPlane {
         );
     }
 
-    /// What the rollout controller needs, for every route with a `rollout:` block.
     /// Routes with `rollback.min_consistency`, with the sync pairs that serve them.
     pub async fn integrity_limits(&self) -> Vec<(String, f64, Vec<String>)> {
-        let desired = self.desired.lock().await;
+        let desired = self.desired();
         let config = &desired.config;
         config
             .routes
@@ -491,8 +569,9 @@ impl ControlPlane {
             .collect()
     }
 
+    /// What the rollout controller needs, for every route with a `rollout:` block.
     pub async fn rollout_subjects(&self) -> Vec<RolloutSubject> {
-        let desired = self.desired.lock().await;
+        let desired = self.desired();
         let config = &desired.config;
         config
             .routes
@@ -533,13 +612,12 @@ impl ControlPlane {
     /// Saves how long a step has baked (see `StateStore::save_bake`); kept in memory too,
     /// so the admin API shows it.
     pub async fn save_bake(&self, route: &str, revision: u64, baked: Duration) -> bool {
-        let Some(store) = self.current_store().await else {
+        let Some(store) = self.current_store() else {
             return false;
         };
-        let mut desired = self.desired.lock().await;
         match store.save_bake(route, revision, baked).await {
             Ok(true) => {
-                if let Some(r) = desired.overrides.rollouts.get_mut(route)
+                if let Some(r) = self.desired().overrides.rollouts.get_mut(route)
                     && r.revision == revision
                 {
                     r.baked = baked;
@@ -557,7 +635,7 @@ impl ControlPlane {
     /// Takes or renews the rollout lease; `false` when another replica holds it or the
     /// store cannot be reached.
     pub async fn rollout_lease(&self, holder: &str, ttl: Duration) -> bool {
-        let Some(store) = self.current_store().await.filter(|_| self.store_ok()) else {
+        let Some(store) = self.current_store().filter(|_| self.store_ok()) else {
             return false;
         };
         let now_ms = std::time::SystemTime::now()
@@ -571,7 +649,7 @@ impl ControlPlane {
     }
 
     pub async fn release_rollout_lease(&self, holder: &str) {
-        if let Some(store) = self.current_store().await
+        if let Some(store) = self.current_store()
             && let Err(e) = store.release_lease(holder).await
         {
             tracing::warn!(error = %e, "cannot release the rollout lease");
@@ -581,58 +659,75 @@ impl ControlPlane {
     /// Re-reads every rollout record, with the bake times the previous leader saved (those
     /// do not bump the store's version, so the store sync does not bring them).
     pub async fn refresh_rollouts(&self) {
-        let Some(store) = self.current_store().await else {
+        let Some(store) = self.current_store() else {
             return;
         };
-        let mut desired = self.desired.lock().await;
+        let _writing = self.writer.lock().await;
         match store.rollouts().await {
-            Ok(records) => desired.overrides.rollouts = records,
+            Ok(records) => self.desired().overrides.rollouts = records,
             Err(e) => tracing::warn!(error = %e, "cannot read the rollout records"),
         }
     }
 
     /// `GET /v1/rollouts/{route}`: state, step, weight, gates, bake time left, history.
-    pub async fn rollout_view(&self, route: &str) -> Result<Value, ControlError> {
-        let desired = self.desired.lock().await;
+    pub async fn rollout_view(&self, route: &str) -> Result<RolloutView, ControlError> {
+        let desired = self.desired();
         let (_, spec, walk) = rollout_parts(&desired, route)?;
-        let record = desired
+        let mut record = desired
             .overrides
             .rollouts
             .get(route)
             .cloned()
             .unwrap_or_default();
+        let mark = desired
+            .overrides
+            .routes
+            .get(route)
+            .and_then(|o| o.rollback.as_ref());
+        (record.phase, record.reason) = model::rollout_phase(&record, mark);
         let live = self.board.get(route);
         let baked = live
             .as_ref()
             .filter(|l| l.revision == record.revision)
             .map_or(record.baked, |l| l.baked);
         let running = record.phase == rollout::Phase::Progressing;
-        let steps: Vec<f64> = (0..walk.len()).map(|i| walk.weight(i).percent()).collect();
-        Ok(json!({
-            "route": route,
-            "kind": if matches!(walk, Walk::BlueGreen) { "blue_green" } else { "weights" },
-            "state": record.phase.as_str(),
-            "step": record.step,
-            "steps": steps,
-            "weight": rollout::shown_weight(&walk, &record),
-            "bake_s": spec.bake_at(record.step).as_secs_f64(),
-            "baked_s": baked.as_secs_f64(),
-            "bake_left_s": if running { spec.bake_at(record.step).saturating_sub(baked).as_secs_f64() } else { 0.0 },
-            "reason": record.reason,
-            "revision": record.revision,
-            "gates": live.as_ref().map_or(json!([]), |l| json!(l.evaluation.gates)),
-            "leader": live.as_ref().is_some_and(|l| l.leader),
-            "history": record.history,
-        }))
+        let bake = spec.bake_at(record.step);
+        Ok(RolloutView {
+            route: route.to_string(),
+            kind: if matches!(walk, Walk::BlueGreen) {
+                "blue_green"
+            } else {
+                "weights"
+            }
+            .to_string(),
+            state: record.phase,
+            step: model::shown_step(&record),
+            steps: (0..walk.len()).map(|i| walk.weight(i).percent()).collect(),
+            weight: rollout::shown_weight(&walk, &record),
+            bake_s: bake.as_secs_f64(),
+            baked_s: baked.as_secs_f64(),
+            bake_left_s: if running {
+                bake.saturating_sub(baked).as_secs_f64()
+            } else {
+                0.0
+            },
+            reason: record.reason.clone(),
+            revision: record.revision,
+            gates: live.map(|l| l.evaluation.gates).unwrap_or_default(),
+            leader: self.board.get(route).is_some_and(|l| l.leader),
+            history: model::shown_history(&record),
+        })
     }
 
     /// The live window figures of a route, added to its view (outside the ETag: they
     /// change with every request, the route's settings do not).
-    fn with_health(&self, desired: &Desired, mut view: Value) -> Value {
-        let Some(name) = view["name"].as_str().map(str::to_string) else {
-            return view;
-        };
-        let Some(i) = desired.config.routes.iter().position(|r| *r.name == *name) else {
+    fn with_health(&self, desired: &Desired, mut view: RouteView) -> RouteView {
+        let Some(i) = desired
+            .config
+            .routes
+            .iter()
+            .position(|r| *r.name == *view.name)
+        else {
             return view;
         };
         let window = desired.config.policies[i]
@@ -644,95 +739,100 @@ impl ControlPlane {
             .health()
             .route(&desired.config.routes[i].name);
         let now = std::time::Instant::now();
-        view["health"] = json!({
+        view.health = Some(json!({
             "window_s": window.as_secs(),
             "legacy": health.legacy.figures(now, window).to_json(),
             "target": health.target.figures(now, window).to_json(),
-        });
+        }));
         view
     }
 
-    /// Validates, writes store and audit in one transaction, then publishes.
+    /// Plans the change under the state lock: its views before and after, the store write
+    /// and the overrides it leads to, or why it is refused (with the view before, if any).
+    fn plan_change(
+        &self,
+        actor: &str,
+        change: &Change,
+        if_match: Option<&str>,
+    ) -> Result<Planned, (Option<Value>, ControlError)> {
+        let desired = self.desired();
+        let target = Target::of(change);
+        let before = view_of(&desired, &target).ok_or_else(|| (None, target.unknown()))?;
+        let etag = before.etag().to_string();
+        if let Some(want) = if_match
+            && want.trim() != "*"
+            && want.trim() != etag
+        {
+            return Err((
+                Some(before.audited()),
+                ControlError::Stale { current: etag },
+            ));
+        }
+        let (write, overrides) = match plan(&desired, change, actor) {
+            Ok(ok) => ok,
+            Err(e) => return Err((Some(before.audited()), e)),
+        };
+        let next = Desired {
+            config: desired.config.clone(),
+            overrides,
+            unrecorded_rollbacks: Default::default(),
+        };
+        let after = view_of(&next, &target).ok_or_else(|| (None, target.unknown()))?;
+        Ok(Planned {
+            mark: desired
+                .overrides
+                .routes
+                .get(change.target())
+                .and_then(|o| o.rollback.clone()),
+            before,
+            after,
+            write,
+            overrides: next.overrides,
+        })
+    }
+
+    /// Validates, writes store and audit in one transaction, then publishes. The state lock
+    /// is held to plan and to publish, never while the store is written.
     pub async fn change(
         &self,
         actor: &str,
         change: Change,
         if_match: Option<&str>,
-    ) -> Result<Value, ControlError> {
+    ) -> Result<Changed, ControlError> {
         let store = self
             .current_store()
-            .await
             .filter(|_| self.store_ok())
             .ok_or_else(|| ControlError::StoreUnavailable(super::store::redact(&self.store_url)))?;
-        let mut desired = self.desired.lock().await;
-        let before = match self.view_of(&desired, &change) {
-            Ok(view) => view,
-            Err(e) => {
-                refuse(&store, actor, &change, None, &e).await;
+        let _writing = self.writer.lock().await;
+        let planned = match self.plan_change(actor, &change, if_match) {
+            Ok(planned) => planned,
+            Err((before, e)) => {
+                refuse(&store, actor, &change, before, &e).await;
                 return Err(e);
             }
         };
-        let etag = before["etag"].as_str().unwrap_or_default().to_string();
-        if let Some(want) = if_match
-            && want.trim() != "*"
-            && want.trim() != etag
-        {
-            let e = ControlError::Stale { current: etag };
-            refuse(&store, actor, &change, Some(strip_etag(&before)), &e).await;
-            return Err(e);
-        }
-        let planned = plan(&desired, &change, actor);
-        let (write, overrides) = match planned {
-            Ok(ok) => ok,
-            Err(e) => {
-                refuse(&store, actor, &change, Some(strip_etag(&before)), &e).await;
-                return Err(e);
-            }
-        };
-        let mut next = Desired {
-            config: desired.config.clone(),
-            overrides,
-            unrecorded_rollbacks: desired.unrecorded_rollbacks.clone(),
-        };
-        // This write carries the route's whole state, so a pending health rollback is
-        // either recorded by it or superseded by it.
-        // A rollout transition that keeps the route's rollback mark (recording a health
-        // rollback as the rollout's end) leaves the rollback's own audit record to its writer.
-        let keeps_mark = matches!(change, Change::Rollout { .. })
-            && desired
-                .overrides
-                .routes
-                .get(change.target())
-                .and_then(|o| o.rollback.as_ref())
-                .is_some_and(|m| {
-                    next.overrides
-                        .routes
-                        .get(change.target())
-                        .and_then(|o| o.rollback.as_ref())
-                        == Some(m)
-                });
-        if !matches!(change, Change::SetFlag { .. }) && !keeps_mark {
-            next.unrecorded_rollbacks.remove(change.target());
-        }
-        let after = self.view_of(&next, &change)?;
         let entry = audit_entry(
             actor,
             &change,
-            Some(strip_etag(&before)),
-            Some(strip_etag(&after)),
+            Some(planned.before.audited()),
+            Some(planned.after.audited()),
             "applied",
             None,
         );
-        store.commit(&write, &entry).await.map_err(|e| match e {
-            StoreError::Unavailable { source, .. } if is_unique_violation(&source) => {
-                ControlError::Conflict
-            }
-            other => {
-                self.store_ok.store(false, Ordering::Relaxed);
-                ControlError::StoreUnavailable(other.to_string())
-            }
-        })?;
-        *desired = next;
+        store
+            .commit(&planned.write, &entry)
+            .await
+            .map_err(|e| match e {
+                StoreError::Unavailable { source, .. } if is_unique_violation(&source) => {
+                    ControlError::Conflict
+                }
+                other => {
+                    self.store_ok.store(false, Ordering::Relaxed);
+                    ControlError::StoreUnavailable(other.to_string())
+                }
+            })?;
+        let mut desired = self.desired();
+        adopt_planned(&mut desired, &change, planned);
         let version = self.publish(&desired);
         if let Change::Rollback { route, reason } = &change {
             self.announce_rollback(&desired, route, "manual", reason, None);
@@ -740,7 +840,6 @@ impl ControlPlane {
         if let Change::Rollout { route, .. } = &change {
             self.announce_rollout(&desired, route);
         }
-        let after = self.with_health(&desired, after);
         tracing::info!(
             version,
             actor,
@@ -748,61 +847,134 @@ impl ControlPlane {
             name = change.target(),
             "change applied"
         );
-        Ok(after)
-    }
-
-    fn view_of(&self, desired: &Desired, change: &Change) -> Result<Value, ControlError> {
-        match change {
-            Change::SetFlag { flag, .. } => {
-                flag_view(desired, flag).ok_or_else(|| ControlError::UnknownFlag(flag.clone()))
-            }
-            _ => {
-                let name = change.target();
-                route_view(desired, name)
-                    .ok_or_else(|| ControlError::UnknownRoute(name.to_string()))
-            }
+        let target = Target::of(&change);
+        match view_of(&desired, &target).ok_or_else(|| target.unknown())? {
+            Changed::Route(v) => Ok(Changed::Route(Box::new(self.with_health(&desired, *v)))),
+            flag => Ok(flag),
         }
     }
 
-    pub async fn routes(&self) -> Vec<Value> {
-        let desired = self.desired.lock().await;
+    pub async fn routes(&self) -> Vec<RouteView> {
+        let desired = self.desired();
         desired
             .config
             .routes
             .iter()
-            .filter_map(|r| route_view(&desired, &r.name))
+            .filter_map(|r| model::route_view(&desired.config, &desired.overrides, &r.name))
             .map(|v| self.with_health(&desired, v))
             .collect()
     }
 
-    pub async fn route(&self, name: &str) -> Option<Value> {
-        let desired = self.desired.lock().await;
-        route_view(&desired, name).map(|v| self.with_health(&desired, v))
+    pub async fn route(&self, name: &str) -> Option<RouteView> {
+        let desired = self.desired();
+        model::route_view(&desired.config, &desired.overrides, name)
+            .map(|v| self.with_health(&desired, v))
     }
 
-    pub async fn flags(&self) -> Vec<Value> {
-        let desired = self.desired.lock().await;
+    pub async fn flags(&self) -> Vec<FlagView> {
+        let desired = self.desired();
         desired
             .config
             .flags
             .iter()
-            .filter_map(|f| flag_view(&desired, &f.name))
+            .filter_map(|f| model::flag_view(&desired.config, &desired.overrides, &f.name))
             .collect()
     }
 
-    pub async fn flag(&self, name: &str) -> Option<Value> {
-        flag_view(&*self.desired.lock().await, name)
+    pub async fn flag(&self, name: &str) -> Option<FlagView> {
+        let desired = self.desired();
+        model::flag_view(&desired.config, &desired.overrides, name)
     }
 
     pub async fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, ControlError> {
         let store = self
             .current_store()
-            .await
             .ok_or_else(|| ControlError::StoreUnavailable(super::store::redact(&self.store_url)))?;
         store
             .audit(limit)
             .await
             .map_err(|e| ControlError::StoreUnavailable(e.to_string()))
+    }
+}
+
+/// What a change names.
+enum Target<'a> {
+    Route(&'a str),
+    Flag(&'a str),
+}
+
+impl<'a> Target<'a> {
+    fn of(change: &'a Change) -> Target<'a> {
+        match change {
+            Change::SetFlag { flag, .. } => Target::Flag(flag),
+            other => Target::Route(other.target()),
+        }
+    }
+
+    fn unknown(&self) -> ControlError {
+        match self {
+            Target::Route(n) => ControlError::UnknownRoute(n.to_string()),
+            Target::Flag(n) => ControlError::UnknownFlag(n.to_string()),
+        }
+    }
+}
+
+fn view_of(desired: &Desired, target: &Target) -> Option<Changed> {
+    match target {
+        Target::Route(n) => model::route_view(&desired.config, &desired.overrides, n)
+            .map(|v| Changed::Route(Box::new(v))),
+        Target::Flag(n) => {
+            model::flag_view(&desired.config, &desired.overrides, n).map(Changed::Flag)
+        }
+    }
+}
+
+/// Lays a committed change over the current state. Only the entries the change wrote are
+/// replaced: anything else that moved while the store was written (a health rollback of
+/// another route, a saved bake time) stays. A health rollback of this same route that came
+/// in meanwhile also stays in force, and stays unrecorded so its writer records it.
+fn adopt_planned(desired: &mut Desired, change: &Change, planned: Planned) {
+    let name = change.target();
+    let mut next = planned.overrides;
+    if let Change::SetFlag { .. } = change {
+        match next.flags.remove(name) {
+            Some(f) => desired.overrides.flags.insert(name.to_string(), f),
+            None => desired.overrides.flags.remove(name),
+        };
+        return;
+    }
+    let current_mark = desired
+        .overrides
+        .routes
+        .get(name)
+        .and_then(|o| o.rollback.clone());
+    let mut route = next.routes.remove(name);
+    let rolled_back_meanwhile = current_mark.is_some()
+        && current_mark != planned.mark
+        && desired.unrecorded_rollbacks.contains(name);
+    if rolled_back_meanwhile {
+        route.get_or_insert_with(RouteOverride::default).rollback = current_mark;
+    } else {
+        // A rollout transition that keeps the route's rollback mark (recording a health
+        // rollback as the rollout's end) leaves the rollback's own audit record to its
+        // writer; any other write carries the route's whole state, so a pending health
+        // rollback is recorded or superseded by it.
+        let keeps_mark = matches!(change, Change::Rollout { .. })
+            && current_mark.is_some()
+            && route.as_ref().and_then(|o| o.rollback.clone()) == current_mark;
+        if !keeps_mark {
+            desired.unrecorded_rollbacks.remove(name);
+        }
+    }
+    match route {
+        Some(o) if !o.is_empty() => desired.overrides.routes.insert(name.to_string(), o),
+        _ => desired.overrides.routes.remove(name),
+    };
+    if let Change::Rollout { .. } = change {
+        match next.rollouts.remove(name) {
+            Some(r) => desired.overrides.rollouts.insert(name.to_string(), r),
+            None => desired.overrides.rollouts.remove(name),
+        };
     }
 }
 
@@ -871,20 +1043,18 @@ fn audit_entry(
     }
 }
 
-fn strip_etag(view: &Value) -> Value {
-    let mut v = view.clone();
-    if let Some(map) = v.as_object_mut() {
-        map.remove("etag");
-    }
-    v
-}
-
 /// The store write and the overrides a change leads to, or why it is refused.
 fn plan(
     desired: &Desired,
     change: &Change,
     actor: &str,
 ) -> Result<(StateWrite, Overrides), ControlError> {
+    if let Change::SetWeight { route, .. }
+    | Change::Switch { route, .. }
+    | Change::Reset { route } = change
+    {
+        refuse_during_rollout(desired, route)?;
+    }
     let mut overrides = desired.overrides.clone();
     let write = match change {
         Change::SetWeight { route, percent } => {
@@ -956,7 +1126,19 @@ fn plan(
             let (_, _, walk) = rollout_parts(desired, route)?;
             let record = overrides.rollouts.get(route).cloned().unwrap_or_default();
             let transition = match action {
-                RolloutAction::Command(c) => rollout::command(&record, &walk, *c)?,
+                // Judged on the phase readers see: a rollout whose route was rolled back
+                // is rolled back, even before the controller has recorded it.
+                RolloutAction::Command(c) => {
+                    let mark = overrides
+                        .routes
+                        .get(route)
+                        .and_then(|o| o.rollback.as_ref());
+                    let judged = RolloutRecord {
+                        phase: model::rollout_phase(&record, mark).0,
+                        ..record.clone()
+                    };
+                    rollout::command(&judged, &walk, *c)?
+                }
                 RolloutAction::Controller {
                     revision,
                     transition,
@@ -1007,6 +1189,29 @@ fn plan(
     Ok((write, overrides))
 }
 
+/// A manual weight, switch or reset would be overwritten at the rollout's next step, so it
+/// is refused while the rollout progresses; the error names the way out. A paused rollout
+/// leaves routing to operators until it resumes (which re-applies its step's weight).
+fn refuse_during_rollout(desired: &Desired, route: &str) -> Result<(), ControlError> {
+    let Some(record) = desired.overrides.rollouts.get(route) else {
+        return Ok(());
+    };
+    let mark = desired
+        .overrides
+        .routes
+        .get(route)
+        .and_then(|o| o.rollback.as_ref());
+    if model::rollout_phase(record, mark).0 != rollout::Phase::Progressing {
+        return Ok(());
+    }
+    let steps = rollout_parts(desired, route).map_or(0, |(_, _, walk)| walk.len());
+    Err(ControlError::RolloutInProgress {
+        route: route.to_string(),
+        step: model::shown_step(record),
+        steps,
+    })
+}
+
 /// A route's rollout spec and walk, or why it has none.
 fn rollout_parts<'a>(
     desired: &'a Desired,
@@ -1034,93 +1239,4 @@ fn find_route<'a>(desired: &'a Desired, name: &str) -> Result<&'a Route, Control
         .iter()
         .find(|r| &*r.name == name)
         .ok_or_else(|| ControlError::UnknownRoute(name.to_string()))
-}
-
-fn sticky_text(key: Option<&StickyKey>) -> Value {
-    match key {
-        None => Value::Null,
-        Some(StickyKey::Cookie(n)) => json!(format!("cookie:{n}")),
-        Some(StickyKey::Header(n)) => json!(format!("header:{n}")),
-        Some(StickyKey::ClientIp) => json!("client_ip"),
-        Some(StickyKey::Generated { cookie }) => json!(format!("generated ({cookie})")),
-    }
-}
-
-fn layered<T: serde::Serialize + Clone>(file: T, runtime: Option<T>) -> Value {
-    let source = if runtime.is_some() { "runtime" } else { "file" };
-    let in_force = runtime.clone().unwrap_or_else(|| file.clone());
-    json!({ "in_force": in_force, "file": file, "runtime": runtime, "source": source })
-}
-
-/// An ETag over the view's content: it changes exactly when what a client read changes.
-fn with_etag(mut view: Value) -> Value {
-    let tag = format!(
-        "\"{:016x}\"",
-        xxhash_rust::xxh3::xxh3_64(view.to_string().as_bytes())
-    );
-    view["etag"] = json!(tag);
-    view
-}
-
-fn route_view(desired: &Desired, name: &str) -> Option<Value> {
-    let route = desired.config.routes.iter().find(|r| &*r.name == name)?;
-    let o = desired.overrides.routes.get(name);
-    let backend = |id: crate::dataplane::route::BackendId| {
-        desired.config.backends[id.0 as usize].name.clone()
-    };
-    let (weight, active, flag) = match &route.split {
-        Split::Percentage { weight } | Split::Canary { weight, .. } => (
-            layered(
-                weight.percent(),
-                o.and_then(|o| o.weight).map(Weight::percent),
-            ),
-            Value::Null,
-            Value::Null,
-        ),
-        Split::BlueGreen { active, .. } => (
-            Value::Null,
-            layered(active.as_str(), o.and_then(|o| o.active).map(Side::as_str)),
-            Value::Null,
-        ),
-        Split::FeatureFlag { flag } => (
-            Value::Null,
-            Value::Null,
-            json!(
-                desired
-                    .config
-                    .flags
-                    .get(flag.0 as usize)
-                    .map(|f: &Flag| f.name.clone())
-            ),
-        ),
-    };
-    let rollback = o.and_then(|o| o.rollback.as_ref());
-    let mut view = json!({
-        "name": name,
-        "legacy": backend(route.legacy),
-        "target": backend(route.target),
-        "split": route.split.kind(),
-        "weight": weight,
-        "active": active,
-        "flag": flag,
-        "state": if rollback.is_some() { "rolled_back" } else { "active" },
-        "rollback": rollback,
-        "sticky": sticky_text(route.sticky.as_ref()),
-    });
-    // Only routes that have had a rollout show one, so other routes read (and tag) as before.
-    if let Some(r) = desired.overrides.rollouts.get(name) {
-        view["rollout"] = json!({ "state": r.phase.as_str(), "step": r.step });
-    }
-    Some(with_etag(view))
-}
-
-fn flag_view(desired: &Desired, name: &str) -> Option<Value> {
-    let flag = desired.config.flags.iter().find(|f| f.name == name)?;
-    let runtime = desired.overrides.flags.get(name).and_then(|o| o.percentage);
-    Some(with_etag(json!({
-        "name": name,
-        "percentage": layered(flag.weight.percent(), runtime.map(Weight::percent)),
-        "rules": flag.rules.len(),
-        "sticky": sticky_text(flag.sticky.as_ref()),
-    })))
 }

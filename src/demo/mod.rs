@@ -15,12 +15,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http::Method;
 use serde_json::Value;
 use sqlx::Row;
 use sqlx::sqlite::SqlitePool;
@@ -190,7 +185,7 @@ async fn run_in(
 
     let token = format!("{:032x}", rand::random::<u128>());
     let running = crate::serve::start(&config_path, Some(&token)).await?;
-    let admin = Admin::new(running.admin, &token);
+    let admin = Admin::new(running.admin, &token)?;
     println!(
         "legacy app: http://{}  (legacy.db)   users-v2 app: http://{}  (v2.db)",
         legacy.addr, v2.addr
@@ -234,40 +229,37 @@ async fn run_in(
     Ok(ok)
 }
 
-/// A small client of the admin API.
+/// A small client of the admin API, over the one outbound client.
 struct Admin {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: crate::outbound::Outbound,
     base: String,
     token: String,
 }
 
 impl Admin {
-    fn new(addr: SocketAddr, token: &str) -> Admin {
-        Admin {
-            client: Client::builder(TokioExecutor::new()).build_http(),
+    fn new(addr: SocketAddr, token: &str) -> Result<Admin, DemoError> {
+        Ok(Admin {
+            client: crate::outbound::Outbound::new(None, Duration::from_secs(5))
+                .map_err(|e| DemoError::Admin(e.to_string()))?,
             base: format!("http://{addr}"),
             token: token.to_string(),
-        }
+        })
     }
 
     async fn call(&self, method: Method, path: &str) -> Result<Value, DemoError> {
-        let request = Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.base))
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| DemoError::Admin(e.to_string()))?;
-        let response = tokio::time::timeout(Duration::from_secs(5), self.client.request(request))
+        let fail = |e: reqwest::Error| {
+            DemoError::Admin(format!("{path}: {}", crate::outbound::error_chain(&e)))
+        };
+        let response = self
+            .client
+            .client()
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .send()
             .await
-            .map_err(|_| DemoError::Admin(format!("{path}: no answer within 5 s")))?
-            .map_err(|e| DemoError::Admin(format!("{path}: {e}")))?;
+            .map_err(fail)?;
         let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| DemoError::Admin(format!("{path}: {e}")))?
-            .to_bytes();
+        let body = response.bytes().await.map_err(fail)?;
         if !status.is_success() {
             return Err(DemoError::Admin(format!(
                 "{path}: {status} {}",
@@ -405,7 +397,8 @@ async fn drive(
     let mut findings = Findings::default();
     let mut phases: Vec<Phase> = vec![Phase::new(format!("step 1: {}%", pct(&rollout["weight"])))];
     let mut stage = Stage::Rollout;
-    let mut step = 0usize;
+    // Steps are numbered from 1, as the API reads them.
+    let mut step = 1usize;
     let mut second = Period::default();
     let mut second_started = Instant::now();
     let mut rates = (0.0, 0.0, 0.0, None);
@@ -476,15 +469,11 @@ async fn drive(
                 if now_step != step && rollout_state == "progressing" {
                     step = now_step;
                     close(&mut phases);
-                    phases.push(Phase::new(format!(
-                        "step {}: {}%",
-                        step + 1,
-                        pct(&r["weight"])
-                    )));
+                    phases.push(Phase::new(format!("step {}: {}%", step, pct(&r["weight"]))));
                     view.event(&format!(
                         "[{:5.1}s] step {}/{steps}: weight {}% (every gate held for the bake)",
                         elapsed.as_secs_f64(),
-                        step + 1,
+                        step,
                         pct(&r["weight"])
                     ));
                 }
@@ -514,7 +503,7 @@ async fn drive(
                     let why = format!(
                         "the rollout did not reach 100% within --duration {} (at step {}/{steps})",
                         humantime::format_duration(args.duration),
-                        step + 1
+                        step
                     );
                     view.event(&why);
                     findings.rollout_failed = Some(why);

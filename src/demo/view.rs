@@ -88,7 +88,7 @@ impl View {
                 format!(
                     "  users  {}  step {}/{}  weight {}%  bake left {:.1}s   [{:.0}s]",
                     s.state,
-                    (s.step + 1).min(s.steps),
+                    s.step.min(s.steps),
                     s.steps,
                     s.weight,
                     s.bake_left,
@@ -126,7 +126,7 @@ impl View {
                 "[{:5.1}s] {} step {}/{} weight {}% | req/s legacy {:.0} target {:.0} | errors {:.2}% p99 {} | sync lag {lag} | consistency {} | holding: {holding}",
                 s.elapsed.as_secs_f64(),
                 s.state,
-                (s.step + 1).min(s.steps),
+                s.step.min(s.steps),
                 s.steps,
                 s.weight,
                 s.legacy_rps,

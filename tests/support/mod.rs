@@ -422,12 +422,17 @@ pub fn two_sided_config(
     let sticky = sticky
         .map(|s| format!("    sticky: {s}\n"))
         .unwrap_or_default();
+    users_route(&legacy.url(), &target.url(), split, &sticky)
+}
+
+/// Backends `legacy` and `target` at these URLs and one route `users` on `/api/users`
+/// with `split`, followed by `route_extra`: more keys of the route, each line indented
+/// by four spaces and ending in a newline.
+pub fn users_route(legacy: &str, target: &str, split: &str, route_extra: &str) -> String {
     format!(
-        "backends:\n  legacy: {{ endpoints: [\"{}\"] }}\n  target: {{ endpoints: [\"{}\"] }}\n\
+        "backends:\n  legacy: {{ endpoints: [\"{legacy}\"] }}\n  target: {{ endpoints: [\"{target}\"] }}\n\
 default_backend: legacy\n\
-routes:\n  - name: users\n    match: {{ path_prefix: /api/users }}\n    legacy: legacy\n    target: target\n    split: {split}\n{sticky}",
-        legacy.url(),
-        target.url()
+routes:\n  - name: users\n    match: {{ path_prefix: /api/users }}\n    legacy: legacy\n    target: target\n    split: {split}\n{route_extra}"
     )
 }
 

@@ -300,7 +300,7 @@ impl RolloutController {
         let payload = json!({
             "event": "gate",
             "route": subject.route,
-            "step": record.step,
+            "step": crate::control::model::shown_step(record),
             "weight": super::shown_weight(&subject.walk, record),
             "gates": self.control.rollout_board().gates_json(&subject.route),
         });

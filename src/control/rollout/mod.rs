@@ -34,7 +34,7 @@ pub enum RolloutError {
 }
 
 /// The states of contract §5.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     #[default]
@@ -352,7 +352,7 @@ pub fn apply(
 }
 
 /// One gate as evaluated: its figure, its limit, whether it passes and why.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct Gate {
     /// `max_error_rate`, `max_latency_ratio`, `max_sync_lag:PAIR`, `min_consistency:PAIR`,
     /// `webhook:URL`.
@@ -637,13 +637,16 @@ pub fn tick(
     rolled_back: Option<&str>,
     elapsed: Duration,
 ) -> Tick {
-    if !record.phase.is_running() {
-        return Tick::Still;
-    }
-    if let Some(reason) = rolled_back {
+    // A rollback after promotion ends the rollout too: the route no longer runs at 100%.
+    if let Some(reason) = rolled_back
+        && (record.phase.is_running() || record.phase == Phase::Promoted)
+    {
         return Tick::Transition(Transition::RolledBack {
             reason: reason.to_string(),
         });
+    }
+    if !record.phase.is_running() {
+        return Tick::Still;
     }
     if let Some(detail) = &evaluation.integrity {
         return Tick::RollBack {
@@ -904,12 +907,22 @@ mod tests {
                 })
             );
         }
+        // A rollback after promotion ends the promoted rollout as well; an ended one
+        // (aborted, already rolled back) stays as it is.
         let mut promoted = running(4, 0);
         promoted.phase = Phase::Promoted;
         assert_eq!(
             tick(&promoted, &walk(), BAKE, &ok, Some("x"), TICK),
-            Tick::Still
+            Tick::Transition(Transition::RolledBack { reason: "x".into() })
         );
+        for phase in [Phase::Aborted, Phase::RolledBack, Phase::Idle] {
+            let mut ended = running(4, 0);
+            ended.phase = phase;
+            assert_eq!(
+                tick(&ended, &walk(), BAKE, &ok, Some("x"), TICK),
+                Tick::Still
+            );
+        }
     }
 
     #[test]
