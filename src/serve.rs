@@ -196,11 +196,7 @@ pub async fn start(config_path: &Path, env_token: Option<&str>) -> Result<Runnin
     .start(rest_shutdown.clone());
     let endpoints = publisher.handle();
     metrics.watch_endpoints(move || endpoints.load().endpoint_states());
-    let mut proxy = Proxy::new(
-        publisher.handle(),
-        &config.limits,
-        config.escaped_slashes,
-    );
+    let mut proxy = Proxy::new(publisher.handle(), &config.limits, config.escaped_slashes);
     if let Some(spec) = &config.access_log {
         let log = crate::telemetry::access_log::AccessLog::start(
             spec,
