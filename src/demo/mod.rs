@@ -632,6 +632,7 @@ async fn drive(
                         .as_secs_f64()
                 ),
                 Stage::Fault { .. } => "fault injected, waiting for the rollback".into(),
+                Stage::Tail { .. } if rolled_back => "legacy serves everyone again".into(),
                 _ => "–".into(),
             },
             legacy_rps: rates.0,
