@@ -260,13 +260,21 @@ async fn one_authority_is_routed_on_and_forwarded() {
     }
 }
 
+/// An HTTP/2 client with prior knowledge (h2c), as the listener serves it.
+fn h2_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
 /// Failing input 3, HTTP/2: `:authority` and `host` that disagree are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_authority_and_host_must_agree() {
     let edge = Edge::start("").await;
-    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let h2 = h2_client();
     let send = |host: Option<&'static str>| {
         let mut builder = http::Request::builder()
             .uri(format!("http://{}/x", edge.proxy.http).replace("127.0.0.1", "localhost"));
@@ -478,4 +486,86 @@ async fn a_stale_pooled_connection_is_retried_for_idempotent_requests_only() {
     ] {
         assert!(!body.contains(secret), "{secret:?} in {body}");
     }
+}
+
+/// Failing input 7: two h2 `cookie` fields reach an HTTP/1.1 backend as one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_cookie_fields_are_joined() {
+    let edge = Edge::start("").await;
+    let h2 = h2_client();
+    let req = http::Request::builder()
+        .uri(edge.proxy.url("/x"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = h2.request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["headers"]["cookie"], "a=1; b=2", "{echo}");
+}
+
+/// Failing input 7: an HTTP/1.0 backend's answer reaches an HTTP/1.1 client as HTTP/1.1,
+/// and the client's keep-alive connection carries its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_backend_does_not_end_the_clients_keep_alive() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let proxy = Switchyard::start(&format!(
+        "backends:\n  old: {{ endpoints: [\"http://{addr}\"] }}\ndefault_backend: old\n"
+    ));
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    let mut answers = String::new();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer on the same connection")
+            .unwrap();
+        answers.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 2, "{answers}");
+    task.abort();
+}
+
+/// Failing input 7: the admin API takes the bearer scheme in any case (RFC 9110 §11.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_bearer_scheme_is_case_insensitive() {
+    let edge = Edge::start("").await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let (status, _, body) = get(
+            &edge.proxy.admin_url("/v1/routes"),
+            &[("authorization", &format!("{scheme} {TOKEN}"))],
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
+    let (status, _, _) = get(
+        &edge.proxy.admin_url("/v1/routes"),
+        &[("authorization", &format!("Basic {TOKEN}"))],
+    )
+    .await;
+    assert_eq!(status, 401);
 }
