@@ -20,6 +20,7 @@ use super::admission::{self, EscapedSlashes};
 use super::client_body::{BodyState, BodyWatch, ClientBody};
 use super::decision::Decision;
 use super::head_guard::HeadVerdicts;
+use super::listener::ConnectionSlot;
 use super::rescue::ProxyError;
 use super::split::{RequestFacts, Side};
 use crate::config::{Endpoint, Limits, UpstreamProtocol};
@@ -165,7 +166,10 @@ impl Proxy {
             Decision::make(&snapshot, &facts)
         };
         let upgrade = wants_upgrade(req.headers());
-        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.is_some().then(|| {
+            let slot = req.extensions().get::<ConnectionSlot>().cloned();
+            (hyper::upgrade::on(&mut req), slot)
+        });
         // Failover needs a second chance at the request: only for the target, only for the
         // configured methods, never for an upgrade (the client's stream is not replayable).
         let failover = decision
@@ -427,16 +431,16 @@ impl Proxy {
         side: Side,
         started: Instant,
         request_id: &HeaderValue,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        client_upgrade: Option<(hyper::upgrade::OnUpgrade, Option<ConnectionSlot>)>,
     ) -> Response<ProxyBody> {
         let mut response = match result {
             Ok(response) => response,
             Err(e) => return self.answer_error(e, snapshot, decision, side, started, request_id),
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
+            if let Some((client_upgrade, slot)) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, slot));
             }
         } else {
             strip_hop_by_hop(response.headers_mut());
@@ -834,8 +838,13 @@ fn classify(
     }
 }
 
-/// Copies bytes both ways once both sides have switched protocols.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// Copies bytes both ways once both sides have switched protocols, holding the client
+/// connection's `slot` until both are done.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _slot: Option<ConnectionSlot>,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
