@@ -90,6 +90,7 @@ mod backend_tests {
                 health: None,
                 protocol: Default::default(),
                 tls: Default::default(),
+                pool: Default::default(),
             }),
             next: AtomicUsize::new(0),
         };

@@ -569,3 +569,83 @@ async fn admin_bearer_scheme_is_case_insensitive() {
     .await;
     assert_eq!(status, 401);
 }
+
+/// An HTTP/1.1 backend that answers after `delay` and counts its open connections (now,
+/// and the most at once).
+async fn counting_backend(
+    delay: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<[std::sync::atomic::AtomicI64; 2]>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = std::sync::Arc::new([
+        std::sync::atomic::AtomicI64::new(0),
+        std::sync::atomic::AtomicI64::new(0),
+    ]);
+    let count = open.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let count = count.clone();
+            let now = count[0].fetch_add(1, Ordering::SeqCst) + 1;
+            count[1].fetch_max(now, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                count[0].fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, open, task)
+}
+
+/// Failing input 6: after a burst, the upstream pool keeps at most `pool.max_idle`
+/// connections per endpoint and closes those idle past `pool.idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_pool_is_bounded_and_idles_out() {
+    use std::sync::atomic::Ordering;
+    let (addr, open, task) = counting_backend(Duration::from_millis(300)).await;
+    let proxy = Switchyard::start(&format!(
+        "backends:\n  legacy: {{ endpoints: [\"http://{addr}\"], pool: {{ max_idle: 3, idle_timeout: 3s }} }}\ndefault_backend: legacy\n"
+    ));
+    let burst: Vec<_> = (0..30)
+        .map(|_| {
+            let url = proxy.url("/x");
+            tokio::spawn(async move { get(&url, &[]).await.0 })
+        })
+        .collect();
+    for r in burst {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    let peak = open[1].load(Ordering::SeqCst);
+    assert!(peak > 3, "the burst opened {peak} connections");
+    // Well before the idle timeout: the connections past max_idle were closed at once.
+    eventually(
+        Duration::from_secs(1),
+        "at most max_idle stay open",
+        || async { open[0].load(Ordering::SeqCst) <= 3 },
+    )
+    .await;
+    assert!(
+        open[0].load(Ordering::SeqCst) > 0,
+        "the idle ones are kept for a while"
+    );
+    eventually(Duration::from_secs(6), "idle connections close", || async {
+        open[0].load(Ordering::SeqCst) == 0
+    })
+    .await;
+    task.abort();
+}

@@ -197,6 +197,27 @@ pub struct BackendSpec {
     pub protocol: UpstreamProtocol,
     /// Applies to the `https://` endpoints; the default verifies against the system roots.
     pub tls: UpstreamTls,
+    pub pool: Pool,
+}
+
+/// `backends.NAME.pool`: how many idle connections are kept per endpoint, and for how
+/// long, so a burst of clients does not leave thousands of upstream connections open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pool {
+    pub max_idle: usize,
+    /// `None`: `timeouts.idle`.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        // Enough warm connections for a few hundred requests a second per endpoint at
+        // ordinary latencies; a burst beyond it closes its extra connections as they idle.
+        Pool {
+            max_idle: 64,
+            idle_timeout: None,
+        }
+    }
 }
 
 /// What a backend speaks: HTTP/1.1, or HTTP/2 only (ALPN `h2` over TLS, prior knowledge
