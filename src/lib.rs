@@ -10,6 +10,8 @@ pub mod control;
 pub mod ctl;
 pub mod dataplane;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod lifecycle;
 pub mod serve;
