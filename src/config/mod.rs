@@ -381,6 +381,16 @@ mod tests {
     }
 
     #[test]
+    fn failover_replays_5xx_by_default() {
+        let text = format!("{BASE}    failover: {{ methods: [GET] }}\n");
+        let config = parse(&text, Path::new("t.yaml")).unwrap();
+        assert!(config.policies[0].failover.as_ref().unwrap().on_5xx);
+        let text = format!("{BASE}    failover: {{ methods: [GET], on_5xx: false }}\n");
+        let config = parse(&text, Path::new("t.yaml")).unwrap();
+        assert!(!config.policies[0].failover.as_ref().unwrap().on_5xx);
+    }
+
+    #[test]
     fn a_step_bake_is_checked_like_any_duration() {
         let text = format!("{BASE}    rollout:\n      steps: [1, {{ weight: 25, bake: soon }}]\n");
         let problems = parse(&text, Path::new("t.yaml")).unwrap_err();
