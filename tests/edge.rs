@@ -649,3 +649,41 @@ async fn the_upstream_pool_is_bounded_and_idles_out() {
     .await;
     task.abort();
 }
+
+/// Failing input 6: the metric series of a route removed by a reload are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_removed_routes_are_dropped_on_reload() {
+    let legacy = Backend::start("legacy").await;
+    let route = |name: &str| {
+        format!(
+            "  - {{ name: {name}, match: {{ path_prefix: /{name} }}, legacy: legacy, target: legacy, split: {{ percentage: {{ weight: 50 }} }} }}\n"
+        )
+    };
+    let base = format!(
+        "backends:\n  legacy: {{ endpoints: [\"{}\"] }}\ndefault_backend: legacy\nroutes:\n",
+        legacy.url()
+    );
+    let proxy = Switchyard::start(&format!("{base}{}{}", route("users"), route("orders")));
+    let http = client();
+    for path in ["/users", "/orders"] {
+        let (status, _, _) = request(&http, "GET", &proxy.url(path), &[]).await;
+        assert_eq!(status, 200);
+    }
+    let before = proxy.metrics().await;
+    assert!(before.contains("route=\"orders\""), "{before}");
+
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(&proxy.config_path, text.replace(&route("orders"), "")).unwrap();
+    proxy.signal("HUP");
+    eventually(Duration::from_secs(5), "the reload", || async {
+        proxy
+            .metric("switchyard_config_reloads_total{result=\"success\"}")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    let after = proxy.metrics().await;
+    assert!(!after.contains("route=\"orders\""), "{after}");
+    assert!(after.contains("route=\"users\""), "{after}");
+}
