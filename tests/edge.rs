@@ -155,14 +155,7 @@ async fn a_nesting_bomb_reload_is_refused_while_traffic_flows() {
     std::fs::write(&proxy.config_path, bomb).unwrap();
     proxy.signal("HUP");
     let started = std::time::Instant::now();
-    eventually(Duration::from_secs(5), "the reload is refused", || async {
-        proxy
-            .metric("switchyard_config_reloads_total{result=\"failure\"}")
-            .await
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await;
+    proxy.wait_reloads("failure", 1.0).await;
     // Requests sent while it was refused were answered promptly.
     for _ in 0..20 {
         let sent = std::time::Instant::now();
@@ -675,14 +668,7 @@ async fn series_of_removed_routes_are_dropped_on_reload() {
     let text = std::fs::read_to_string(&proxy.config_path).unwrap();
     std::fs::write(&proxy.config_path, text.replace(&route("orders"), "")).unwrap();
     proxy.signal("HUP");
-    eventually(Duration::from_secs(5), "the reload", || async {
-        proxy
-            .metric("switchyard_config_reloads_total{result=\"success\"}")
-            .await
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await;
+    proxy.wait_reloads("success", 1.0).await;
     let after = proxy.metrics().await;
     assert!(!after.contains("route=\"orders\""), "{after}");
     assert!(after.contains("route=\"users\""), "{after}");
