@@ -11,6 +11,8 @@ pub mod ctl;
 pub mod dataplane;
 pub mod dberror;
 pub mod demo;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod lifecycle;
 pub mod outbound;

@@ -90,6 +90,7 @@ mod backend_tests {
                 health: None,
                 protocol: Default::default(),
                 tls: Default::default(),
+                pool: Default::default(),
             }),
             next: AtomicUsize::new(0),
         };
@@ -281,9 +282,7 @@ fn update_weight_gauges(
     if let Some(previous) = previous {
         for route in &previous.routes {
             if !next.routes.iter().any(|r| r.name == route.name) {
-                metrics.route_weight.remove(&RouteLabels {
-                    route: route.name.clone(),
-                });
+                metrics.forget_route(&route.name);
             }
         }
     }

@@ -155,14 +155,7 @@ async fn a_nesting_bomb_reload_is_refused_while_traffic_flows() {
     std::fs::write(&proxy.config_path, bomb).unwrap();
     proxy.signal("HUP");
     let started = std::time::Instant::now();
-    eventually(Duration::from_secs(5), "the reload is refused", || async {
-        proxy
-            .metric("switchyard_config_reloads_total{result=\"failure\"}")
-            .await
-            .unwrap_or(0.0)
-            >= 1.0
-    })
-    .await;
+    proxy.wait_reloads("failure", 1.0).await;
     // Requests sent while it was refused were answered promptly.
     for _ in 0..20 {
         let sent = std::time::Instant::now();
@@ -260,13 +253,21 @@ async fn one_authority_is_routed_on_and_forwarded() {
     }
 }
 
+/// An HTTP/2 client with prior knowledge (h2c), as the listener serves it.
+fn h2_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<bytes::Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
 /// Failing input 3, HTTP/2: `:authority` and `host` that disagree are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h2_authority_and_host_must_agree() {
     let edge = Edge::start("").await;
-    let h2 = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-        .http2_only(true)
-        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let h2 = h2_client();
     let send = |host: Option<&'static str>| {
         let mut builder = http::Request::builder()
             .uri(format!("http://{}/x", edge.proxy.http).replace("127.0.0.1", "localhost"));
@@ -478,4 +479,197 @@ async fn a_stale_pooled_connection_is_retried_for_idempotent_requests_only() {
     ] {
         assert!(!body.contains(secret), "{secret:?} in {body}");
     }
+}
+
+/// Failing input 7: two h2 `cookie` fields reach an HTTP/1.1 backend as one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_cookie_fields_are_joined() {
+    let edge = Edge::start("").await;
+    let h2 = h2_client();
+    let req = http::Request::builder()
+        .uri(edge.proxy.url("/x"))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = h2.request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["headers"]["cookie"], "a=1; b=2", "{echo}");
+}
+
+/// Failing input 7: an HTTP/1.0 backend's answer reaches an HTTP/1.1 client as HTTP/1.1,
+/// and the client's keep-alive connection carries its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_backend_does_not_end_the_clients_keep_alive() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let proxy = Switchyard::start(&format!(
+        "backends:\n  old: {{ endpoints: [\"http://{addr}\"] }}\ndefault_backend: old\n"
+    ));
+    let mut stream = TcpStream::connect(proxy.http).await.unwrap();
+    let mut answers = String::new();
+    for _ in 0..2 {
+        stream
+            .write_all(b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("an answer on the same connection")
+            .unwrap();
+        answers.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert_eq!(answers.matches("HTTP/1.1 200 OK").count(), 2, "{answers}");
+    task.abort();
+}
+
+/// Failing input 7: the admin API takes the bearer scheme in any case (RFC 9110 §11.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_bearer_scheme_is_case_insensitive() {
+    let edge = Edge::start("").await;
+    for scheme in ["Bearer", "bearer", "BEARER"] {
+        let (status, _, body) = get(
+            &edge.proxy.admin_url("/v1/routes"),
+            &[("authorization", &format!("{scheme} {TOKEN}"))],
+        )
+        .await;
+        assert_eq!(status, 200, "{scheme}: {body}");
+    }
+    let (status, _, _) = get(
+        &edge.proxy.admin_url("/v1/routes"),
+        &[("authorization", &format!("Basic {TOKEN}"))],
+    )
+    .await;
+    assert_eq!(status, 401);
+}
+
+/// An HTTP/1.1 backend that answers after `delay` and counts its open connections (now,
+/// and the most at once).
+async fn counting_backend(
+    delay: Duration,
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<[std::sync::atomic::AtomicI64; 2]>,
+    tokio::task::JoinHandle<()>,
+) {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let open = std::sync::Arc::new([
+        std::sync::atomic::AtomicI64::new(0),
+        std::sync::atomic::AtomicI64::new(0),
+    ]);
+    let count = open.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let count = count.clone();
+            let now = count[0].fetch_add(1, Ordering::SeqCst) + 1;
+            count[1].fetch_max(now, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                count[0].fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, open, task)
+}
+
+/// Failing input 6: after a burst, the upstream pool keeps at most `pool.max_idle`
+/// connections per endpoint and closes those idle past `pool.idle_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_upstream_pool_is_bounded_and_idles_out() {
+    use std::sync::atomic::Ordering;
+    let (addr, open, task) = counting_backend(Duration::from_millis(300)).await;
+    let proxy = Switchyard::start(&format!(
+        "backends:\n  legacy: {{ endpoints: [\"http://{addr}\"], pool: {{ max_idle: 3, idle_timeout: 3s }} }}\ndefault_backend: legacy\n"
+    ));
+    let burst: Vec<_> = (0..30)
+        .map(|_| {
+            let url = proxy.url("/x");
+            tokio::spawn(async move { get(&url, &[]).await.0 })
+        })
+        .collect();
+    for r in burst {
+        assert_eq!(r.await.unwrap(), 200);
+    }
+    let peak = open[1].load(Ordering::SeqCst);
+    assert!(peak > 3, "the burst opened {peak} connections");
+    // Well before the idle timeout: the connections past max_idle were closed at once.
+    eventually(
+        Duration::from_secs(1),
+        "at most max_idle stay open",
+        || async { open[0].load(Ordering::SeqCst) <= 3 },
+    )
+    .await;
+    assert!(
+        open[0].load(Ordering::SeqCst) > 0,
+        "the idle ones are kept for a while"
+    );
+    eventually(Duration::from_secs(6), "idle connections close", || async {
+        open[0].load(Ordering::SeqCst) == 0
+    })
+    .await;
+    task.abort();
+}
+
+/// Failing input 6: the metric series of a route removed by a reload are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn series_of_removed_routes_are_dropped_on_reload() {
+    let legacy = Backend::start("legacy").await;
+    let route = |name: &str| {
+        format!(
+            "  - {{ name: {name}, match: {{ path_prefix: /{name} }}, legacy: legacy, target: legacy, split: {{ percentage: {{ weight: 50 }} }} }}\n"
+        )
+    };
+    let base = format!(
+        "backends:\n  legacy: {{ endpoints: [\"{}\"] }}\ndefault_backend: legacy\nroutes:\n",
+        legacy.url()
+    );
+    let proxy = Switchyard::start(&format!("{base}{}{}", route("users"), route("orders")));
+    let http = client();
+    for path in ["/users", "/orders"] {
+        let (status, _, _) = request(&http, "GET", &proxy.url(path), &[]).await;
+        assert_eq!(status, 200);
+    }
+    let before = proxy.metrics().await;
+    assert!(before.contains("route=\"orders\""), "{before}");
+
+    let text = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(&proxy.config_path, text.replace(&route("orders"), "")).unwrap();
+    proxy.signal("HUP");
+    proxy.wait_reloads("success", 1.0).await;
+    let after = proxy.metrics().await;
+    assert!(!after.contains("route=\"orders\""), "{after}");
+    assert!(after.contains("route=\"users\""), "{after}");
 }

@@ -544,3 +544,46 @@ async fn a_client_that_never_finishes_its_head_is_cut_off_after_header_read() {
     let (status, _, _) = get(&proxy.url("/api/users/1"), &[]).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// WebSocket tunnels hold their client connection's slot: with `max_connections: 2`, two
+/// open tunnels keep a third client waiting until one of them closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_tunnels_count_against_max_connections() {
+    let (backend, server) = websocket_echo_backend().await;
+    let proxy = Switchyard::start(&single_backend_config(
+        "limits: { max_connections: 2 }\n",
+        &[format!("http://{backend}")],
+    ));
+    let url = format!("ws://{}/api/users/ws", proxy.http);
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let (mut second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    for ws in [&mut first, &mut second] {
+        ws.send(Message::text("up")).await.unwrap();
+        assert!(ws.next().await.unwrap().is_ok());
+    }
+    // The third client is not served while both tunnels are open.
+    let third = tokio::spawn({
+        let url = proxy.url("/api/users/plain");
+        async move { get(&url, &[]).await.0 }
+    });
+    let waited = tokio::time::timeout(Duration::from_millis(500), async {
+        while !third.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(
+        waited.is_err(),
+        "a third connection was served past max_connections"
+    );
+    first.close(None).await.unwrap();
+    drop(first);
+    // Answered (by the proxy: the echo server speaks only WebSocket) once a slot is free.
+    let status = tokio::time::timeout(Duration::from_secs(5), third)
+        .await
+        .expect("served once a tunnel closed")
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    drop(second);
+    server.abort();
+}

@@ -363,3 +363,30 @@ backends:\n  legacy: { endpoints: [\"http://127.0.0.1:9\"] }\ndefault_backend: l
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// A `generated` sticky cookie minted for a request that came over HTTPS is `Secure`; over
+/// plain HTTP it cannot be (the browser would drop it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_cookie_is_secure_over_https() {
+    use tokio::io::AsyncWriteExt;
+    let f = fixture(
+        "routes:\n  - { name: r, match: { path_prefix: /s }, legacy: legacy, target: legacy, split: { percentage: { weight: 50 } }, sticky: { key: generated } }\n",
+    )
+    .await;
+    let mut tls = f.connect("default.test", &[b"http/1.1"]).await;
+    tls.write_all(b"GET /s HTTP/1.1\r\nHost: default.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut out)).await;
+    let answer = String::from_utf8_lossy(&out).to_ascii_lowercase();
+    let cookie = answer
+        .lines()
+        .find(|l| l.starts_with("set-cookie: switchyard_id="))
+        .unwrap_or_else(|| panic!("no cookie in {answer}"));
+    assert!(cookie.ends_with("; secure"), "{cookie}");
+
+    let (_, headers, _) = get(&f.proxy.url("/s"), &[]).await;
+    let plain = headers["set-cookie"].to_str().unwrap();
+    assert!(!plain.to_ascii_lowercase().contains("secure"), "{plain}");
+}

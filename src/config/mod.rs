@@ -236,6 +236,27 @@ pub struct BackendSpec {
     pub protocol: UpstreamProtocol,
     /// Applies to the `https://` endpoints; the default verifies against the system roots.
     pub tls: UpstreamTls,
+    pub pool: Pool,
+}
+
+/// `backends.NAME.pool`: how many idle connections are kept per endpoint, and for how
+/// long, so a burst of clients does not leave thousands of upstream connections open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Pool {
+    pub max_idle: usize,
+    /// `None`: `timeouts.idle`.
+    pub idle_timeout: Option<Duration>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        // Enough warm connections for a few hundred requests a second per endpoint at
+        // ordinary latencies; a burst beyond it closes its extra connections as they idle.
+        Pool {
+            max_idle: 64,
+            idle_timeout: None,
+        }
+    }
 }
 
 /// What a backend speaks: HTTP/1.1, or HTTP/2 only (ALPN `h2` over TLS, prior knowledge
@@ -402,6 +423,16 @@ mod tests {
         assert_eq!(spec.bake_at(2), Duration::from_secs(30));
         // Past the last step (blue-green walks have their own count): the rollout's bake.
         assert_eq!(spec.bake_at(7), Duration::from_secs(30));
+    }
+
+    #[test]
+    fn failover_replays_5xx_by_default() {
+        let text = format!("{BASE}    failover: {{ methods: [GET] }}\n");
+        let config = parse(&text, Path::new("t.yaml")).unwrap();
+        assert!(config.policies[0].failover.as_ref().unwrap().on_5xx);
+        let text = format!("{BASE}    failover: {{ methods: [GET], on_5xx: false }}\n");
+        let config = parse(&text, Path::new("t.yaml")).unwrap();
+        assert!(!config.policies[0].failover.as_ref().unwrap().on_5xx);
     }
 
     #[test]

@@ -152,6 +152,18 @@ pub struct RawBackend {
     pub protocol: Option<String>,
     #[serde(default)]
     pub tls: Option<RawUpstreamTls>,
+    #[serde(default)]
+    pub pool: Option<RawPool>,
+}
+
+/// `backends.NAME.pool`: idle upstream connections kept per endpoint.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPool {
+    #[serde(default)]
+    pub max_idle: Option<u32>,
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
 }
 
 /// How `https://` endpoints are verified and what switchyard presents to them. There is

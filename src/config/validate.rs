@@ -686,12 +686,37 @@ fn backends<'r>(
             None => UpstreamTls::default(),
         };
         ids.insert(name.as_str(), BackendId(specs.len() as u32));
+        let pool = match &rb.pool {
+            None => Pool::default(),
+            Some(p) => Pool {
+                max_idle: match p.max_idle {
+                    Some(n) if n > 100_000 => {
+                        c.error(
+                            &format!("{path}.pool.max_idle"),
+                            format!("{n} is out of range: it must be at most 100000"),
+                        );
+                        Pool::default().max_idle
+                    }
+                    Some(n) => n as usize,
+                    None => Pool::default().max_idle,
+                },
+                idle_timeout: p.idle_timeout.as_deref().map(|t| {
+                    c.duration_within(
+                        &format!("{path}.pool.idle_timeout"),
+                        Some(t),
+                        Duration::from_secs(60),
+                        MAX_TIMEOUT,
+                    )
+                }),
+            },
+        };
         specs.push(BackendSpec {
             name: name.clone(),
             endpoints,
             health,
             protocol,
             tls,
+            pool,
         });
     }
     (specs, ids)

@@ -126,8 +126,10 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` is `Bearer`.
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     let Some(name) = presented.and_then(|t| state.tokens.authenticate(t)) else {
         let mut response = ApiError::new(
             StatusCode::UNAUTHORIZED,

@@ -143,6 +143,23 @@ impl HeadVerdicts {
     }
 }
 
+/// Scans `reads` as the successive reads of one client connection, exactly as
+/// [`GuardedIo`] does, and returns the first flagged head: its ordinal (0-based) and why.
+/// For fuzzing and property tests; the proxy itself goes through `GuardedIo`.
+pub fn scan(reads: &[&[u8]], max_head_bytes: usize) -> Option<(u64, HeadViolation)> {
+    let (mut io, verdicts) = GuardedIo::new((), max_head_bytes);
+    for read in reads {
+        io.scanner.feed(read);
+    }
+    let shared = &verdicts.shared;
+    match shared.first_bad.load(Ordering::Acquire) {
+        NO_BAD_HEAD => None,
+        ordinal => {
+            HeadViolation::from_u8(shared.kind.load(Ordering::Relaxed)).map(|v| (ordinal, v))
+        }
+    }
+}
+
 /// Client stream wrapper: reads pass through byte-for-byte while being scanned for request
 /// framing; writes are untouched.
 pub struct GuardedIo<T> {

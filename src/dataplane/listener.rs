@@ -162,16 +162,27 @@ struct ConnectionGuard {
     _open: mpsc::Sender<Infallible>,
 }
 
+/// A share of a client connection's slot, handed to each request (as an extension). An
+/// upgraded connection (WebSocket) outlives hyper's connection task; its tunnel holds this,
+/// so it still counts against `max_connections` and the drain still waits for it.
+#[derive(Clone)]
+pub struct ConnectionSlot {
+    _guard: Arc<ConnectionGuard>,
+}
+
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
     mut shutdown: Shutdown,
-    _guard: ConnectionGuard,
+    guard: ConnectionGuard,
 ) {
     let _ = stream.set_nodelay(true);
+    let slot = ConnectionSlot {
+        _guard: Arc::new(guard),
+    };
     let Some(acceptor) = shared.tls.clone() else {
-        return serve_http(stream, false, peer, &shared, shutdown).await;
+        return serve_http(stream, false, peer, &shared, shutdown, slot).await;
     };
     // A client that never finishes its handshake is a slowloris one layer down.
     let handshake =
@@ -192,11 +203,17 @@ async fn connection(
         _ = shutdown.wait() => return,
     };
     let h2 = stream.get_ref().1.alpn_protocol() == Some(ALPN_H2);
-    serve_http(stream, h2, peer, &shared, shutdown).await
+    serve_http(stream, h2, peer, &shared, shutdown, slot).await
 }
 
-async fn serve_http<I>(io: I, h2: bool, peer: SocketAddr, shared: &Shared, shutdown: Shutdown)
-where
+async fn serve_http<I>(
+    io: I,
+    h2: bool,
+    peer: SocketAddr,
+    shared: &Shared,
+    shutdown: Shutdown,
+    slot: ConnectionSlot,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (io, verdicts) = GuardedIo::new(io, shared.settings.max_header_bytes);
@@ -208,7 +225,8 @@ where
         header_read: shared.settings.header_read_timeout,
     };
     let proxy = shared.proxy.clone();
-    let service = service_fn(move |req| {
+    let service = service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(slot.clone());
         let proxy = proxy.clone();
         let verdicts = verdicts.clone();
         // Taken before the future runs so a request the client abandons mid-way still ends.

@@ -21,6 +21,7 @@ use super::admission::{self, EscapedSlashes};
 use super::client_body::{BodyState, BodyWatch, ClientBody};
 use super::decision::Decision;
 use super::head_guard::HeadVerdicts;
+use super::listener::ConnectionSlot;
 use super::rescue::ProxyError;
 use super::split::{RequestFacts, Side};
 use crate::config::{Endpoint, Limits, UpstreamProtocol};
@@ -240,7 +241,10 @@ impl Proxy {
             Decision::make(&snapshot, &facts)
         };
         let upgrade = wants_upgrade(req.headers());
-        let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
+        let client_upgrade = upgrade.is_some().then(|| {
+            let slot = req.extensions().get::<ConnectionSlot>().cloned();
+            (hyper::upgrade::on(&mut req), slot)
+        });
         // Failover needs a second chance at the request: only for the target, only for the
         // configured methods, never for an upgrade (the client's stream is not replayable).
         let failover = decision
@@ -507,16 +511,21 @@ impl Proxy {
         side: Side,
         started: Instant,
         request_id: &HeaderValue,
-        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        client_upgrade: Option<(hyper::upgrade::OnUpgrade, Option<ConnectionSlot>)>,
     ) -> Response<ProxyBody> {
         let mut response = match result {
             Ok(response) => response,
             Err(e) => return self.answer_error(e, snapshot, decision, side, started, request_id),
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
+            if let Some((client_upgrade, slot)) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, request_id.clone()));
+                tokio::spawn(tunnel(
+                    client_upgrade,
+                    upstream_upgrade,
+                    request_id.clone(),
+                    slot,
+                ));
             }
         } else {
             strip_hop_by_hop(response.headers_mut());
@@ -524,8 +533,11 @@ impl Proxy {
         if let Some(cookie) = &decision.set_cookie {
             response
                 .headers_mut()
-                .append(header::SET_COOKIE, cookie.clone());
+                .append(header::SET_COOKIE, self.secure_over_https(cookie));
         }
+        // The client keeps its own version: an HTTP/1.0 backend's status line must not end
+        // an HTTP/1.1 client's keep-alive (hyper answers a 1.0 client in 1.0 by itself).
+        *response.version_mut() = Version::HTTP_11;
         self.record(
             snapshot,
             decision,
@@ -542,6 +554,16 @@ impl Proxy {
             response.extensions_mut().insert(served);
         }
         response.map(Either::Left)
+    }
+
+    /// A generated cookie minted over HTTPS is `Secure`: it must never travel in clear.
+    fn secure_over_https(&self, cookie: &HeaderValue) -> HeaderValue {
+        if self.scheme != "https" {
+            return cookie.clone();
+        }
+        let mut bytes = cookie.as_bytes().to_vec();
+        bytes.extend_from_slice(b"; Secure");
+        HeaderValue::from_bytes(&bytes).unwrap_or_else(|_| cookie.clone())
     }
 
     fn answer_error(
@@ -594,6 +616,7 @@ impl Proxy {
     ) {
         let trailers = accepts_trailers(&parts.headers);
         strip_hop_by_hop(&mut parts.headers);
+        join_cookies(&mut parts.headers);
         // The authority routed on is the one the backend receives, whatever the client's
         // Host said (absolute form, `:authority`) and whatever its Connection header named.
         if let Some(authority) = authority {
@@ -829,6 +852,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::UPGRADE);
 }
 
+/// HTTP/2 splits `cookie` into one field per pair; an HTTP/1.1 backend expects one line,
+/// joined with `; ` (RFC 9113 §8.2.3, RFC 6265 §5.4).
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut values = headers.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (values.next(), values.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for value in headers.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(value.as_bytes());
+    }
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 fn append_forwarded_for(headers: &mut HeaderMap, client_ip: IpAddr) {
     // A client or an earlier proxy may have sent several lines; all of them are the chain.
     let mut chain = headers
@@ -898,11 +938,13 @@ fn classify(
     }
 }
 
-/// Copies bytes both ways once both sides have switched protocols.
+/// Copies bytes both ways once both sides have switched protocols, holding the client
+/// connection's `slot` until both are done.
 async fn tunnel(
     client: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     request_id: HeaderValue,
+    _slot: Option<ConnectionSlot>,
 ) {
     let request_id = request_id.to_str().unwrap_or("");
     let (client, upstream) = match tokio::try_join!(client, upstream) {
@@ -937,6 +979,19 @@ mod tests {
         strip_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1);
         assert!(headers.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::COOKIE, HeaderValue::from_static("a=1"));
+        headers.append(header::COOKIE, HeaderValue::from_static("b=2"));
+        headers.append(header::COOKIE, HeaderValue::from_static("c=3"));
+        join_cookies(&mut headers);
+        let all: Vec<_> = headers.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        join_cookies(&mut headers);
+        assert_eq!(headers[header::COOKIE], "a=1; b=2; c=3");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use super::proxy::UpstreamBody;
 use super::tls::{PROVIDER, TlsError, load_certificate};
 use crate::config::files::{MAX_SMALL_FILE_BYTES, read_bounded};
-use crate::config::{BackendSpec, Timeouts, UpstreamProtocol, UpstreamTls};
+use crate::config::{BackendSpec, Pool, Timeouts, UpstreamProtocol, UpstreamTls};
 
 pub type UpstreamConnector = HttpsConnector<HttpConnector>;
 
@@ -110,6 +110,7 @@ struct ClientKey {
     protocol: UpstreamProtocol,
     https: bool,
     tls: UpstreamTls,
+    pool: Pool,
     files: [u8; 32],
 }
 
@@ -140,6 +141,7 @@ impl UpstreamClients {
             protocol: spec.protocol,
             https,
             tls: spec.tls.clone(),
+            pool: spec.pool,
             files: digest_files(&spec.tls),
         };
         let mut clients = self
@@ -190,7 +192,8 @@ impl UpstreamClients {
         let mut client = Client::builder(TokioExecutor::new());
         client
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(self.idle);
+            .pool_idle_timeout(key.pool.idle_timeout.unwrap_or(self.idle))
+            .pool_max_idle_per_host(key.pool.max_idle);
         if key.protocol == UpstreamProtocol::H2 {
             client.http2_only(true).timer(TokioTimer::new());
         }

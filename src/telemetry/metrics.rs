@@ -567,6 +567,33 @@ impl Metrics {
         }
     }
 
+    /// Drops every series labelled with `route`, once a published snapshot no longer has
+    /// it, so routes removed by reloads do not keep their series (and memory) for ever.
+    /// Codes are not tracked per route, so every status code is tried: ~1,800 removals,
+    /// off the request path.
+    pub fn forget_route(&self, route: &Arc<str>) {
+        let labels = RouteLabels {
+            route: route.clone(),
+        };
+        self.route_weight.remove(&labels);
+        self.failovers.remove(&labels);
+        self.failover_budget_exhausted.remove(&labels);
+        self.rollout_step.remove(&labels);
+        for side in [Side::Legacy, Side::Target] {
+            self.duration.remove(&RouteSideLabels {
+                route: route.clone(),
+                side: side.into(),
+            });
+            for code in 100..=999 {
+                self.requests.remove(&RequestLabels {
+                    route: route.clone(),
+                    side: side.into(),
+                    code,
+                });
+            }
+        }
+    }
+
     fn side_stats(&self, route: &Arc<str>, side: Side) -> SideStats {
         SideStats {
             route: route.clone(),

@@ -295,6 +295,17 @@ impl Switchyard {
         format!("http://{}{}", self.http, path)
     }
 
+    /// Waits until `switchyard_config_reloads_total{result}` reaches `at_least`.
+    pub async fn wait_reloads(&self, result: &str, at_least: f64) {
+        let sample = format!("switchyard_config_reloads_total{{result=\"{result}\"}}");
+        eventually(
+            Duration::from_secs(5),
+            &format!("{at_least} {result} reloads"),
+            || async { self.metric(&sample).await.unwrap_or(0.0) >= at_least },
+        )
+        .await;
+    }
+
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
     }
