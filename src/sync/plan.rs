@@ -319,7 +319,7 @@ fn looser_collations(
             continue;
         };
         let (s, t) = (&s_cols[i], &t_cols[i]);
-        if t.collation > s.collation {
+        if t.collation.looseness() > s.collation.looseness() {
             problems.push(format!(
                 "target column `{}` ({why}) compares with {} but source column `{}` compares {}: \
                  rows the source keeps apart would merge on the target; use an exact collation on the \
