@@ -49,7 +49,7 @@ run() { # prints seconds and exit code
 reladiff_run() { # prints seconds and the number of differing keys it reports
   local start end
   start=$(date +%s.%N)
-  "$RELADIFF" "$PG/$SRC" users "$PG/$DST" users -k id -c name -c score -c balance -c created -c note --json > "$WORK/reladiff.jsonl" 2> "$WORK/reladiff.err" || true
+  "$RELADIFF" "${PG/postgres:/postgresql:}/$SRC" users "${PG/postgres:/postgresql:}/$DST" users -k id -c name -c score -c balance -c created -c note --json > "$WORK/reladiff.jsonl" 2> "$WORK/reladiff.err" || true
   end=$(date +%s.%N)
   echo "$(echo "$end - $start" | bc) $(python3 -c "import json;print(len({json.loads(l)[1][0] for l in open('$WORK/reladiff.jsonl') if l.strip()}))")"
 }
