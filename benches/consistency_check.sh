@@ -52,7 +52,13 @@ reladiff_run() { # prints seconds and the number of differing keys it reports
   start=$(date +%s.%N)
   "$RELADIFF" "${PG/postgres:/postgresql:}/$SRC" users "${PG/postgres:/postgresql:}/$DST" users -k id -c name -c score -c balance -c created -c note --json > "$WORK/reladiff.jsonl" 2> "$WORK/reladiff.err" || true
   end=$(date +%s.%N)
-  echo "$(echo "$end - $start" | bc) $(python3 -c "import json;print(len({json.loads(l)[1][0] for l in open('$WORK/reladiff.jsonl') if l.strip()}))")"
+  echo "$(echo "$end - $start" | bc) $(python3 -c "
+import json
+keys = set()
+for l in open('$WORK/reladiff.jsonl'):
+    try: keys.add(json.loads(l)[1][0])
+    except ValueError: pass
+print(len(keys) if not open('$WORK/reladiff.err').read().count('ERROR') else 'error')")"
 }
 read -r equal_s equal_code < <(run)
 read -r rd_equal_s rd_equal_found < <(reladiff_run)
