@@ -36,6 +36,9 @@ psql_db "$SRC" -c "$TABLE" \
   -c "VACUUM ANALYZE users"
 psql_db "$DST" -c "$TABLE"
 cat > "$OUT/sync.yaml" <<YAML
+listen: { http: 127.0.0.1:0 }
+admin: { listen: 127.0.0.1:0 }
+state: { url: "sqlite://$OUT/state.db" }
 backends: { m: { endpoints: [ "http://127.0.0.1:9" ] } }
 default_backend: m
 sync:

@@ -4,6 +4,7 @@
 # maintained data-diff fork, from PyPI) on the same pair in the same run. Prints a table.
 #   benches/consistency_check.sh [ROWS]        (PG at SWITCHYARD_TEST_PG, default local)
 # reladiff: $RELADIFF if set, else installed with pip into target/bench-venv on first use.
+# BASELINE=PATH: another switchyard binary (e.g. a build of main) timed on the same pair too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROWS=${1:-1000000}
@@ -39,28 +40,36 @@ sync:
     source: { url: "$PG/$SRC", table: users, key: [id] }
     target: { url: "$PG/$DST", table: users, key: [id] }
 YAML
-run() { # prints seconds and exit code
+run() { # [BINARY] prints seconds and exit code
   local start end code
   start=$(date +%s.%N)
-  set +e; "$BIN" consistency check --config "$WORK/c.yaml" --sync users --output json > "$WORK/out.json" 2> "$WORK/err.txt"; code=$?; set -e
+  set +e; "${1:-$BIN}" consistency check --config "$WORK/c.yaml" --sync users --output json > "$WORK/out.json" 2> "$WORK/err.txt"; code=$?; set -e
   end=$(date +%s.%N)
   echo "$(echo "$end - $start" | bc) $code"
 }
 reladiff_run() { # prints seconds and the number of differing keys it reports
   local start end
   start=$(date +%s.%N)
-  "$RELADIFF" "$PG/$SRC" users "$PG/$DST" users -k id -c name -c score -c balance -c created -c note --json > "$WORK/reladiff.jsonl" 2> "$WORK/reladiff.err" || true
+  "$RELADIFF" "${PG/postgres:/postgresql:}/$SRC" users "${PG/postgres:/postgresql:}/$DST" users -k id -c name -c score -c balance -c created -c note --json > "$WORK/reladiff.jsonl" 2> "$WORK/reladiff.err" || true
   end=$(date +%s.%N)
-  echo "$(echo "$end - $start" | bc) $(python3 -c "import json;print(len({json.loads(l)[1][0] for l in open('$WORK/reladiff.jsonl') if l.strip()}))")"
+  echo "$(echo "$end - $start" | bc) $(python3 -c "
+import json
+keys = set()
+for l in open('$WORK/reladiff.jsonl'):
+    try: keys.add(json.loads(l)[1][0])
+    except ValueError: pass
+print(len(keys) if not open('$WORK/reladiff.err').read().count('ERROR') else 'error')")"
 }
 read -r equal_s equal_code < <(run)
 read -r rd_equal_s rd_equal_found < <(reladiff_run)
+[ -n "${BASELINE:-}" ] && read -r base_equal_s base_equal_code < <(run "$BASELINE")
 # Ten differences scattered through the table: changed values, a missing and an extra row.
 psql -q "$PG/$DST" \
   -c "UPDATE users SET score = -1 WHERE id IN ($((ROWS/11)), $((ROWS/7)), $((ROWS/5)), $((ROWS/3)))" \
   -c "UPDATE users SET note = 'x' WHERE id IN ($((ROWS/2)), $((ROWS*2/3)), $((ROWS*9/10)))" \
   -c "DELETE FROM users WHERE id IN ($((ROWS/13)), $((ROWS*3/4)))" \
   -c "INSERT INTO users VALUES ($((ROWS+77)), 'ghost', 0, 0, now(), NULL)"
+[ -n "${BASELINE:-}" ] && read -r base_diff_s base_diff_code < <(run "$BASELINE")
 read -r diff_s diff_code < <(run)
 read -r rd_diff_s rd_diff_found < <(reladiff_run)
 cat "$WORK/reladiff.err" >&2
@@ -69,4 +78,8 @@ found=$(python3 -c "import json;r=json.load(open('$WORK/out.json'));print(len(r[
 printf '\n%-44s %12s %6s %12s %14s\n' "full check, PostgreSQL vs PostgreSQL" "switchyard s" "exit" "reladiff s" "ratio"
 printf '%-44s %12.2f %6s %12.2f %13.2fx   (reladiff found %s)\n' "$ROWS equal rows" "$equal_s" "$equal_code" "$rd_equal_s" "$(echo "$equal_s / $rd_equal_s" | bc -l)" "$rd_equal_found"
 printf '%-44s %12.2f %6s %12.2f %13.2fx   (switchyard found %s of 10, reladiff %s)\n' "$ROWS rows, 10 scattered differences" "$diff_s" "$diff_code" "$rd_diff_s" "$(echo "$diff_s / $rd_diff_s" | bc -l)" "$found" "$rd_diff_found"
+if [ -n "${BASELINE:-}" ]; then
+  printf '%-44s %12.2f %6s   (%s)\n' "baseline, $ROWS equal rows" "$base_equal_s" "$base_equal_code" "$BASELINE"
+  printf '%-44s %12.2f %6s\n' "baseline, 10 scattered differences" "$base_diff_s" "$base_diff_code"
+fi
 printf 'machine: %s cores, load %s\n' "$(nproc)" "$(cut -d' ' -f1-3 /proc/loadavg)"

@@ -60,8 +60,8 @@ enum Summer<'a> {
 
 /// The 60-bit row hash of `row_hash`, in SQL: the first 15 hex digits of SHA-256 of the row
 /// encoding (60 bits stay non-negative in a signed 64-bit integer on every engine).
-fn hash_sql(e: Engine, exprs: &[String]) -> String {
-    let text = encode_row_sql(e, exprs);
+fn hash_sql(e: Engine, exprs: &[String], plain: &[bool]) -> String {
+    let text = encode_row_sql(e, exprs, plain);
     match e {
         Engine::Postgres => format!(
             "('x' || substr(encode(sha256(convert_to({text}, 'UTF8')), 'hex'), 1, 15))::bit(60)::bigint"
@@ -87,18 +87,18 @@ fn position_sql(plan: &Plan, side: &Side, part: Partition) -> String {
         Partition::IntKey => side.db.q(&side.cols[0].name),
         Partition::KeyHash => {
             let keys = &column_exprs(plan, side, Purpose::Compare)[..plan.key_len];
-            hash_sql(side.engine(), keys)
+            hash_sql(side.engine(), keys, &plan.plain[..plan.key_len])
         }
     }
 }
 
-fn position_of(part: Partition, key: &[Option<String>]) -> i64 {
+fn position_of(part: Partition, key: &[Option<String>], plain: &[bool]) -> i64 {
     match part {
         Partition::IntKey => key[0]
             .as_deref()
             .and_then(|k| k.parse().ok())
             .unwrap_or_default(),
-        Partition::KeyHash => row_hash(key),
+        Partition::KeyHash => row_hash(key, plain),
     }
 }
 
@@ -122,7 +122,10 @@ impl Summer<'_> {
         let mut all = Vec::with_capacity(rows.len());
         for r in &rows {
             let vals = crate::sync::apply::row_values(r, side.cols.len())?;
-            all.push((position_of(part, &vals[..plan.key_len]), vals));
+            all.push((
+                position_of(part, &vals[..plan.key_len], &plan.plain[..plan.key_len]),
+                vals,
+            ));
         }
         all.sort_by_key(|(p, _)| *p);
         Ok(Summer::Memory(all))
@@ -165,12 +168,15 @@ impl Summer<'_> {
         match self {
             Summer::Memory(rows) => {
                 let (a, b) = slice_range(rows, lo, hi);
-                let sum = rows[a..b].iter().map(|(_, v)| row_hash(v) as i128).sum();
+                let sum = rows[a..b]
+                    .iter()
+                    .map(|(_, v)| row_hash(v, &plan.plain) as i128)
+                    .sum();
                 Ok(((b - a) as i64, sum))
             }
             Summer::Sql(side) => {
                 let e = side.engine();
-                let h = hash_sql(e, &column_exprs(plan, side, Purpose::Compare));
+                let h = hash_sql(e, &column_exprs(plan, side, Purpose::Compare), &plan.plain);
                 let pos = position_sql(plan, side, part);
                 let r = sqlx::query(AssertSqlSafe(format!(
                     "SELECT COUNT(*), CAST(COALESCE(SUM({h}), 0) AS {t}) FROM {} WHERE {pos} BETWEEN {lo} AND {hi}",

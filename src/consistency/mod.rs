@@ -56,9 +56,10 @@ pub fn enough_to_judge(samples: u64, limit: f64) -> bool {
 }
 
 /// The 60-bit checksum of one row's canonical values: the first 60 bits of SHA-256 over the
-/// row's injective encoding (`sync::canon::encode_row`). SQL computes the same per engine.
-pub fn row_hash(values: &[Option<String>]) -> i64 {
-    let d = Sha256::digest(crate::sync::canon::encode_row(values));
+/// row's injective encoding (`sync::canon::encode_row`, framed by `plain`). SQL computes the
+/// same per engine.
+pub fn row_hash(values: &[Option<String>], plain: &[bool]) -> i64 {
+    let d = Sha256::digest(crate::sync::canon::encode_row(values, plain));
     (u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]) >> 4) as i64
 }
 
@@ -163,11 +164,11 @@ mod tests {
 
     #[test]
     fn row_hash_is_stable_and_null_is_not_empty() {
-        let a = row_hash(&[Some("1".into()), Some("x".into())]);
-        assert_eq!(a, row_hash(&[Some("1".into()), Some("x".into())]));
+        let a = row_hash(&[Some("1".into()), Some("x".into())], &[]);
+        assert_eq!(a, row_hash(&[Some("1".into()), Some("x".into())], &[]));
         assert_ne!(
-            row_hash(&[Some("1".into()), None]),
-            row_hash(&[Some("1".into()), Some(String::new())])
+            row_hash(&[Some("1".into()), None], &[]),
+            row_hash(&[Some("1".into()), Some(String::new())], &[])
         );
         // sha256("1:11:x") = 568ae206bb8f84df…, computed independently (sha256sum).
         assert_eq!(format!("{a:015x}"), "568ae206bb8f84d");

@@ -285,22 +285,40 @@ pub fn float_bits(x: f64) -> String {
     format!("{}{m}p{e}", if x < 0.0 { "-" } else { "" })
 }
 
-/// The injective byte encoding of a row's canonical values (see the module docs).
-pub fn encode_row(values: &[Option<String>]) -> Vec<u8> {
+/// Whether a column pair's canonical text is *plain*: produced by a formatting function on
+/// both sides (numbers, booleans, dates, timestamps, float bits, hex), so it never contains `;`
+/// and is never exactly `N`. Text, and anything read from a text column or from SQLite (whose
+/// values keep whatever type they were written with), is not plain. Both sides of a pair decide
+/// alike, so they encode alike.
+pub fn is_plain(pair: Kind, own: [Kind; 2], engines: [Engine; 2]) -> bool {
+    !matches!(pair, Kind::Text) && !own.contains(&Kind::Text) && !engines.contains(&Engine::Sqlite)
+}
+
+/// The injective byte encoding of a row's canonical values (see the module docs): a plain
+/// field (`plain[i]`, see `is_plain`) as its text, or `N` for NULL, then `;`; any other field
+/// as its byte length in decimal, `:` and its bytes, or `N` for NULL. Plain fields need no
+/// length because their text cannot hold the terminator, which keeps the SQL cheap for them.
+pub fn encode_row(values: &[Option<String>], plain: &[bool]) -> Vec<u8> {
     let mut out = Vec::with_capacity(
         values
             .iter()
-            .map(|v| v.as_ref().map_or(1, |s| s.len() + 4))
+            .map(|v| v.as_ref().map_or(2, |s| s.len() + 4))
             .sum(),
     );
-    for v in values {
-        match v {
-            Some(s) => {
+    for (i, v) in values.iter().enumerate() {
+        let plain = plain.get(i).copied().unwrap_or(false);
+        match (v, plain) {
+            (Some(s), true) => {
+                out.extend_from_slice(s.as_bytes());
+                out.push(b';');
+            }
+            (None, true) => out.extend_from_slice(b"N;"),
+            (Some(s), false) => {
                 out.extend_from_slice(s.len().to_string().as_bytes());
                 out.push(b':');
                 out.extend_from_slice(s.as_bytes());
             }
-            None => out.push(b'N'),
+            (None, false) => out.push(b'N'),
         }
     }
     out
@@ -308,40 +326,46 @@ pub fn encode_row(values: &[Option<String>]) -> Vec<u8> {
 
 /// SQL computing `encode_row` of the canonical expressions `exprs` on `engine` (PostgreSQL
 /// and MariaDB; SQLite rows are encoded in Rust).
-pub fn encode_row_sql(engine: Engine, exprs: &[String]) -> String {
+pub fn encode_row_sql(engine: Engine, exprs: &[String], plain: &[bool]) -> String {
+    let fields = exprs.iter().enumerate().map(|(i, x)| {
+        let plain = plain.get(i).copied().unwrap_or(false);
+        match (engine, plain) {
+            (Engine::Postgres, true) => format!("coalesce({x}, 'N') || ';'"),
+            (Engine::Postgres, false) => {
+                format!("coalesce(octet_length({x})::text || ':' || {x}, 'N')")
+            }
+            (_, true) => format!("COALESCE({x}, 'N'), ';'"),
+            (_, false) => format!("COALESCE(CONCAT(LENGTH({x}), ':', {x}), 'N')"),
+        }
+    });
     match engine {
-        Engine::Postgres => exprs
-            .iter()
-            .map(|x| format!("coalesce(octet_length({x})::text || ':' || {x}, 'N')"))
-            .collect::<Vec<_>>()
-            .join(" || "),
-        _ => format!(
-            "CONCAT({})",
-            exprs
-                .iter()
-                .map(|x| format!("COALESCE(CONCAT(LENGTH({x}), ':', {x}), 'N')"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        Engine::Postgres => fields.collect::<Vec<_>>().join(" || "),
+        _ => format!("CONCAT({})", fields.collect::<Vec<_>>().join(", ")),
     }
 }
 
 /// Splits an encoding back into values: the inverse of `encode_row`, which is what makes the
-/// encoding injective.
-pub fn decode_row(mut bytes: &[u8]) -> Option<Vec<Option<String>>> {
+/// encoding injective (for plain fields whose text has no `;` and is not `N`).
+pub fn decode_row(mut bytes: &[u8], plain: &[bool]) -> Option<Vec<Option<String>>> {
     let mut out = Vec::new();
-    while let Some(&first) = bytes.first() {
-        if first == b'N' {
+    let mut i = 0;
+    while !bytes.is_empty() {
+        if plain.get(i).copied().unwrap_or(false) {
+            let end = bytes.iter().position(|b| *b == b';')?;
+            let text = std::str::from_utf8(&bytes[..end]).ok()?;
+            out.push((text != "N").then(|| text.to_string()));
+            bytes = &bytes[end + 1..];
+        } else if bytes[0] == b'N' {
             out.push(None);
             bytes = &bytes[1..];
-            continue;
+        } else {
+            let colon = bytes.iter().position(|b| *b == b':')?;
+            let len: usize = std::str::from_utf8(&bytes[..colon]).ok()?.parse().ok()?;
+            let rest = &bytes[colon + 1..];
+            out.push(Some(String::from_utf8(rest.get(..len)?.to_vec()).ok()?));
+            bytes = &rest[len..];
         }
-        let colon = bytes.iter().position(|b| *b == b':')?;
-        let len: usize = std::str::from_utf8(&bytes[..colon]).ok()?.parse().ok()?;
-        let rest = &bytes[colon + 1..];
-        let value = rest.get(..len)?;
-        out.push(Some(String::from_utf8(value.to_vec()).ok()?));
-        bytes = &rest[len..];
+        i += 1;
     }
     Some(out)
 }
@@ -363,7 +387,7 @@ mod tests {
             Some("x".into()),
             Some("\u{1f}y".into()),
         ];
-        assert_ne!(encode_row(&a), encode_row(&b));
+        assert_ne!(encode_row(&a, &[]), encode_row(&b, &[]));
         let cases: Vec<Vec<Option<String>>> = vec![
             vec![None, Some(String::new())],
             vec![Some(String::new()), None],
@@ -379,16 +403,61 @@ mod tests {
         ];
         for (i, x) in cases.iter().enumerate() {
             assert_eq!(
-                decode_row(&encode_row(x)).as_ref(),
+                decode_row(&encode_row(x, &[]), &[]).as_ref(),
                 Some(x),
                 "round trip of {x:?}"
             );
             for y in &cases[i + 1..] {
                 if x != y {
-                    assert_ne!(encode_row(x), encode_row(y), "{x:?} vs {y:?}");
+                    assert_ne!(encode_row(x, &[]), encode_row(y, &[]), "{x:?} vs {y:?}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn plain_and_sized_fields_mixed_stay_injective() {
+        // (plain int, text, plain float bits): every combination of these values.
+        let plain = [true, false, true];
+        let ints = [None, Some("1"), Some("12"), Some("-0")];
+        let texts = [
+            None,
+            Some(""),
+            Some("N"),
+            Some("1;"),
+            Some(";N;"),
+            Some("2:ab"),
+        ];
+        let floats = [None, Some("NaN"), Some("4503599627370496p-52"), Some("0")];
+        let mut seen = std::collections::HashMap::new();
+        for a in ints {
+            for b in texts {
+                for c in floats {
+                    let row: Vec<Option<String>> =
+                        [a, b, c].iter().map(|v| v.map(str::to_string)).collect();
+                    let enc = encode_row(&row, &plain);
+                    assert_eq!(decode_row(&enc, &plain).as_ref(), Some(&row));
+                    if let Some(other) = seen.insert(enc, row.clone()) {
+                        panic!("{row:?} and {other:?} encode alike");
+                    }
+                }
+            }
+        }
+        assert!(is_plain(
+            Kind::Float,
+            [Kind::Float, Kind::Decimal(Some(2))],
+            [Engine::Postgres, Engine::MySql]
+        ));
+        assert!(!is_plain(
+            Kind::Timestamp,
+            [Kind::Timestamp, Kind::Text],
+            [Engine::Postgres, Engine::MySql]
+        ));
+        assert!(!is_plain(
+            Kind::Int,
+            [Kind::Int, Kind::Int],
+            [Engine::Sqlite, Engine::Sqlite]
+        ));
     }
 
     #[test]

@@ -213,7 +213,7 @@ pub struct ColumnInfo {
 
 /// How loosely a column's values compare, from exact to case-insensitive. A column whose
 /// comparison on the target is looser than on the source can merge rows the source keeps apart.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Collation {
     /// Equal exactly when the bytes are equal (PostgreSQL deterministic collations, MariaDB
     /// `*_nopad_bin` and binary strings, SQLite BINARY, non-text types).
@@ -241,6 +241,16 @@ impl Collation {
             }
         } else {
             Collation::Insensitive(n)
+        }
+    }
+
+    /// How loose: 0 exact, 1 pad space, 2 insensitive. Two collations of one rank merge the
+    /// same kinds of values.
+    pub fn looseness(&self) -> u8 {
+        match self {
+            Collation::Exact => 0,
+            Collation::PadSpace(_) => 1,
+            Collation::Insensitive(_) => 2,
         }
     }
 
@@ -506,6 +516,34 @@ mod tests {
         assert_eq!(Engine::of_url("mysql://root@h/db").unwrap(), Engine::MySql);
         assert_eq!(Engine::of_url("sqlite://x.db").unwrap(), Engine::Sqlite);
         assert!(Engine::of_url("redis://h").is_err());
+    }
+
+    #[test]
+    fn collations_from_loosest_to_exact() {
+        assert_eq!(
+            Collation::of_mysql(Some("utf8mb4_nopad_bin")),
+            Collation::Exact
+        );
+        assert_eq!(Collation::of_mysql(Some("binary")), Collation::Exact);
+        assert_eq!(Collation::of_mysql(None), Collation::Exact);
+        assert!(matches!(
+            Collation::of_mysql(Some("utf8mb4_bin")),
+            Collation::PadSpace(_)
+        ));
+        assert!(matches!(
+            Collation::of_mysql(Some("utf8mb4_general_ci")),
+            Collation::Insensitive(_)
+        ));
+        assert!(matches!(
+            Collation::of_mysql(Some("utf8mb4_uca1400_ai_ci")),
+            Collation::Insensitive(_)
+        ));
+        // The order install compares by: a looser target is a greater one.
+        assert!(Collation::Exact.looseness() < Collation::PadSpace("x".into()).looseness());
+        assert!(
+            Collation::PadSpace("x".into()).looseness()
+                < Collation::Insensitive("a".into()).looseness()
+        );
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub struct Plan {
     pub target: Side,
     /// Kind each mapped column is compared and copied as; same order as `Side::cols`.
     pub kinds: Vec<Kind>,
+    /// Whether each mapped column's canonical text is plain (`canon::is_plain`): how the row
+    /// encoding frames it.
+    pub plain: Vec<bool>,
     pub key_len: usize,
     pub bidirectional: bool,
     pub conflict: Conflict,
@@ -272,6 +275,14 @@ pub async fn resolve_with(
             problems,
         });
     }
+    let plain: Vec<bool> = s_cols
+        .iter()
+        .zip(&t_cols)
+        .zip(&kinds)
+        .map(|((s, t), k)| {
+            super::canon::is_plain(*k, [s.kind, t.kind], [source_db.engine, target_db.engine])
+        })
+        .collect();
     Ok(Plan {
         name: spec.name.clone(),
         source: Side {
@@ -286,6 +297,7 @@ pub async fn resolve_with(
             cols: t_cols,
             unique: t_info.unique.clone(),
         },
+        plain,
         kinds,
         key_len: spec.source.key.len(),
         bidirectional: spec.bidirectional,
@@ -319,7 +331,7 @@ fn looser_collations(
             continue;
         };
         let (s, t) = (&s_cols[i], &t_cols[i]);
-        if t.collation > s.collation {
+        if t.collation.looseness() > s.collation.looseness() {
             problems.push(format!(
                 "target column `{}` ({why}) compares with {} but source column `{}` compares {}: \
                  rows the source keeps apart would merge on the target; use an exact collation on the \
