@@ -7,7 +7,8 @@
 #   ALTERNATIONS=3 (off/on pairs)  BENCH=../shared/bench  ROUNDS=1 DUR=8 per peers.sh run
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BENCH=${BENCH:-../shared/bench}
+# ../shared/bench beside the main checkout; ../../shared/bench from a worktree under wt/.
+BENCH=${BENCH:-$(ls -d ../shared/bench ../../shared/bench 2>/dev/null | head -1 || true)}
 ALTERNATIONS=${ALTERNATIONS:-3}
 OUT=$(mktemp -d /tmp/access-log-bench.XXXXXX)
 cargo build --release --quiet
