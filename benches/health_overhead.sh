@@ -20,24 +20,10 @@ NGINX
 taskset -c 0 nginx -c "$OUT/backend.conf" &
 NGINX_PID=$!
 
+# shellcheck source=benches/bench_config.sh
+. benches/bench_config.sh
 mk() { # $1 = name, $2 = port, $3 = admin port, $4 = extra route YAML
-  cat > "$OUT/$1.yaml" <<YAML
-listen: { http: 127.0.0.1:$2 }
-admin: { listen: 127.0.0.1:$3 }
-state: { url: "sqlite://$OUT/$1.db" }
-backends:
-  monolith: { endpoints: [ "http://127.0.0.1:19181" ] }
-  users-v2: { endpoints: [ "http://127.0.0.1:19181" ] }
-default_backend: monolith
-routes:
-  - name: bench
-    match: { path_prefix: / }
-    legacy: monolith
-    target: users-v2
-    split: { percentage: { weight: 20 } }
-    sticky: { key: client_ip }
-$4
-YAML
+  bench_config "$OUT/$1.yaml" "$2" "$3" 19181 "$OUT/$1.db" "$4"
 }
 mk off 19182 19192 ""
 mk on 19183 19193 "    rollback: { max_error_rate: 0.5, max_latency_ratio: 100, window: 10s, min_requests: 20 }"

@@ -204,6 +204,9 @@ pub async fn start(config_path: &Path, env_token: Option<&str>) -> Result<Runnin
         )?;
         proxy = proxy.with_access_log(log);
     }
+    if let Some(spec) = &config.tracing {
+        proxy = proxy.with_tracer(crate::telemetry::traces::Tracer::start(spec));
+    }
     let proxy = Arc::new(proxy);
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,

@@ -839,3 +839,23 @@ fn a_rule_value_no_request_can_carry_is_refused() {
     let text = base_with(&[("value: \"1\"", "value: \" 1\"")]);
     expect_one(&text, 26, 28, "{ name: x-canary", &["no request can carry"]);
 }
+
+/// `BASE` with `extra` as its last lines, and the line number `extra` starts on.
+fn with_tail(extra: &str) -> (String, usize) {
+    (format!("{BASE}{extra}"), BASE.lines().count() + 1)
+}
+
+#[test]
+fn access_log_and_tracing_values_are_checked() {
+    let (text, line) = with_tail("access_log: { format: xml }\n");
+    expect_one(&text, line, 23, "xml", &["`xml`", "json", "text"]);
+    let (text, line) = with_tail("access_log: { sample: 1.5 }\n");
+    expect_one(&text, line, 23, "1.5", &["1.5", "out of range"]);
+    let (text, line) = with_tail("access_log: { path: /no/such/dir/access.log }\n");
+    expect_one(&text, line, 21, "/no/such", &["does not exist"]);
+    let (text, line) = with_tail("tracing: { otlp_endpoint: \"collector:4318\" }\n");
+    expect_one(&text, line, 27, "\"collector", &["OTLP/HTTP endpoint"]);
+    let (text, line) =
+        with_tail("tracing: { otlp_endpoint: \"http://c:4318\", sample_ratio: 2 }\n");
+    expect_one(&text, line, 58, "2", &["out of range"]);
+}

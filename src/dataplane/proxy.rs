@@ -28,6 +28,7 @@ use crate::config::{Endpoint, Limits, UpstreamProtocol};
 use crate::health::Outcome;
 use crate::snapshot::{RoutingSnapshot, SnapshotHandle};
 use crate::telemetry::access_log::{AccessLog, LoggedBody, RequestStart, Served};
+use crate::telemetry::traces::{TraceScope, Tracer};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
@@ -67,6 +68,8 @@ pub struct Proxy {
     /// `None`: no access log, and nothing is spent on one.
     access_log: Option<AccessLog>,
     escaped_slashes: EscapedSlashes,
+    /// `None`: no tracing, and nothing is spent on it.
+    tracer: Option<Tracer>,
 }
 
 impl Proxy {
@@ -82,7 +85,21 @@ impl Proxy {
             max_body_bytes: usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
             access_log: None,
             escaped_slashes,
+            tracer: None,
         }
+    }
+
+    /// The same proxy recording spans.
+    pub fn with_tracer(self, tracer: Tracer) -> Proxy {
+        Proxy {
+            tracer: Some(tracer),
+            ..self
+        }
+    }
+
+    /// Whether the access log or tracing wants to know how requests were served.
+    fn observed(&self) -> bool {
+        self.access_log.is_some() || self.tracer.is_some()
     }
 
     /// The same proxy writing an access log line per request.
@@ -102,20 +119,39 @@ impl Proxy {
         peer: SocketAddr,
         verdicts: &HeadVerdicts,
     ) -> Response<LoggedBody<ProxyBody>> {
-        let Some(log) = &self.access_log else {
+        if !self.observed() {
             return self.serve(req, peer, verdicts).await.map(Either::Left);
-        };
-        let request_id = match req.headers().get(&X_REQUEST_ID) {
-            Some(id) if !id.is_empty() => id.clone(),
-            _ => {
-                let id = new_request_id();
-                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-                id
-            }
-        };
-        let start = RequestStart::of(&req, peer, &request_id);
+        }
+        let trace = self.tracer.as_ref().and_then(|t| t.begin(req.headers()));
+        if let Some(scope) = trace {
+            req.extensions_mut().insert(scope);
+        }
+        let start = self.access_log.as_ref().map(|_| {
+            let request_id = match req.headers().get(&X_REQUEST_ID) {
+                Some(id) if !id.is_empty() => id.clone(),
+                _ => {
+                    let id = new_request_id();
+                    req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+                    id
+                }
+            };
+            RequestStart::of(&req, peer, &request_id)
+        });
+        let traced = trace.map(|scope| (scope, req.method().clone(), req.uri().path().to_string()));
         let response = self.serve(req, peer, verdicts).await;
-        log.finish(start, response)
+        if let (Some(tracer), Some((scope, method, path))) = (&self.tracer, traced) {
+            tracer.finish_server(
+                &scope,
+                method.as_str(),
+                &path,
+                response.status().as_u16(),
+                response.extensions().get::<Served>(),
+            );
+        }
+        match (&self.access_log, start) {
+            (Some(log), Some(start)) => log.finish(start, response),
+            _ => response.map(Either::Left),
+        }
     }
 
     /// What the access log records of how a request was served.
@@ -439,11 +475,44 @@ impl Proxy {
         if backend.client.protocol == UpstreamProtocol::H2 {
             parts.version = Version::HTTP_2;
         }
+        let span = match (&self.tracer, parts.extensions.get::<TraceScope>()) {
+            (Some(tracer), Some(scope)) => {
+                Some((tracer, tracer.start_client(scope, &mut parts.headers)))
+            }
+            _ => None,
+        };
+        let method = span.as_ref().map(|_| parts.method.clone());
         let request = Request::from_parts(parts, body);
         let sent = backend.client.client.request(request);
+        let result = self.answered(snapshot, backend, endpoint, sent, watch).await;
+        if let (Some((tracer, span)), Some(method)) = (span, method) {
+            let error = result.as_ref().err().map(|f| f.error.to_string());
+            tracer.finish_client(
+                span,
+                method.as_str(),
+                &backend.name,
+                endpoint.authority.as_str(),
+                match &result {
+                    Ok(r) => Ok(r.status().as_u16()),
+                    Err(_) => Err(error.as_deref().unwrap_or("")),
+                },
+            );
+        }
+        result
+    }
+
+    /// Waits for the upstream's response head within `timeouts.request`.
+    async fn answered(
+        &self,
+        snapshot: &RoutingSnapshot,
+        backend: &crate::snapshot::Backend,
+        endpoint: &Endpoint,
+        sent: hyper_util::client::legacy::ResponseFuture,
+        watch: &BodyWatch,
+    ) -> Result<Response<Incoming>, Failure> {
         match tokio::time::timeout(snapshot.timeouts.request, sent).await {
             Ok(Ok(mut response)) => {
-                if self.access_log.is_some() {
+                if self.observed() {
                     response.extensions_mut().insert(endpoint.authority.clone());
                 }
                 Ok(response)
@@ -545,7 +614,7 @@ impl Proxy {
             Outcome::Status(response.status().as_u16()),
             started,
         );
-        if self.access_log.is_some() {
+        if self.observed() {
             let upstream = response
                 .extensions()
                 .get::<http::uri::Authority>()
@@ -580,9 +649,8 @@ impl Proxy {
         }
         let outcome = outcome_of_error(&error);
         let served = self
-            .access_log
-            .as_ref()
-            .map(|_| self.served(snapshot, decision, side, error.endpoint_authority()));
+            .observed()
+            .then(|| self.served(snapshot, decision, side, error.endpoint_authority()));
         let mut response = error.into_response(Some(request_id));
         if let Some(served) = served {
             response.extensions_mut().insert(served);
@@ -699,6 +767,10 @@ fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
     head.uri = parts.uri.clone();
     head.version = parts.version;
     head.headers = parts.headers.clone();
+    // The trace is the request's, not the connection's: a replay is a span of it too.
+    if let Some(scope) = parts.extensions.get::<TraceScope>() {
+        head.extensions.insert(*scope);
+    }
     head
 }
 

@@ -328,31 +328,52 @@ where
     Either::Right(inner.map_frame(count))
 }
 
-/// The writer thread: blocks for a line, then takes every line already queued before one
-/// write, so a busy proxy makes few system calls.
+/// How long the writer sleeps when the queue is empty. The writer polls rather than
+/// waiting on the queue: a waiting receiver would make every request's `try_send` wake a
+/// thread (a futex call and a context switch per request, measured at 30% more CPU per
+/// request); polling costs 100 idle wake-ups a second and delays a line by at most this.
+const IDLE_POLL: Duration = Duration::from_millis(10);
+
+/// Written out at this size even while lines keep coming.
+const WRITE_AT: usize = 256 * 1024;
+
+/// The writer thread: takes every queued line into one buffer, writes it with one call,
+/// and sleeps while the queue is empty. Ends when every handle is gone.
 fn write_lines(
     mut lines: mpsc::Receiver<AccessLine>,
     mut sink: Box<dyn Write + Send>,
     format: AccessLogFormat,
 ) {
-    let mut buffer = Vec::with_capacity(64 * 1024);
-    while let Some(first) = lines.blocking_recv() {
-        let mut next = Some(first);
-        while let Some(line) = next {
-            match format {
-                AccessLogFormat::Json => line.write_json(&mut buffer),
-                AccessLogFormat::Text => line.write_text(&mut buffer),
-            }
-            next = if buffer.len() < 256 * 1024 {
-                lines.try_recv().ok()
-            } else {
-                None
-            };
+    let mut buffer = Vec::with_capacity(WRITE_AT + 4096);
+    let mut flush = |buffer: &mut Vec<u8>| {
+        if buffer.is_empty() {
+            return;
         }
-        if let Err(e) = sink.write_all(&buffer).and_then(|()| sink.flush()) {
+        if let Err(e) = sink.write_all(buffer).and_then(|()| sink.flush()) {
             tracing::warn!(error = %e, lines_lost = true, "cannot write the access log");
         }
         buffer.clear();
+    };
+    loop {
+        match lines.try_recv() {
+            Ok(line) => {
+                match format {
+                    AccessLogFormat::Json => line.write_json(&mut buffer),
+                    AccessLogFormat::Text => line.write_text(&mut buffer),
+                }
+                if buffer.len() >= WRITE_AT {
+                    flush(&mut buffer);
+                }
+            }
+            Err(mpsc::error::TryRecvError::Empty) => {
+                flush(&mut buffer);
+                std::thread::sleep(IDLE_POLL);
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                flush(&mut buffer);
+                return;
+            }
+        }
     }
 }
 

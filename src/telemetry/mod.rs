@@ -6,6 +6,7 @@ pub mod feeds;
 pub mod logging;
 pub mod metrics;
 pub mod process;
+pub mod traces;
 
 pub use feeds::Feeds;
 pub use metrics::Metrics;
