@@ -11,7 +11,14 @@ use std::time::Duration;
 use http::{Method, StatusCode, Uri, header};
 use serde_json::{Value, json};
 
+use crate::control::model;
+use crate::control::rollout::Phase;
 use crate::outbound::{Outbound, error_chain};
+
+/// A request body of the API's own types (`control::model`), shared with the server.
+fn typed<T: serde::Serialize>(body: &T) -> Value {
+    serde_json::to_value(body).unwrap_or(Value::Null)
+}
 
 /// An operator waiting on a hung admin listener is worse off than one told it timed out.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -248,7 +255,9 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             if_match,
         } => {
             let path = format!("/v1/routes/{}/weight", segment(name)?);
-            let body = json!({ "weight": finite("weight", *percent)? });
+            let body = typed(&model::WeightBody {
+                weight: finite("weight", *percent)?,
+            });
             api.call(Method::PUT, &path, Some(body), if_match.as_deref())
                 .await?
         }
@@ -258,7 +267,9 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             if_match,
         } => {
             let path = format!("/v1/routes/{}/switch", segment(name)?);
-            let body = json!({ "active": side.as_str() });
+            let body = typed(&model::SwitchBody {
+                active: side.as_str().to_string(),
+            });
             api.call(Method::POST, &path, Some(body), if_match.as_deref())
                 .await?
         }
@@ -266,8 +277,10 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             let path = format!("/v1/routes/{}/rollback", segment(name)?);
             // `{}` rather than no body: a JSON extractor on the server accepts it either way.
             let body = match reason {
-                Some(r) => json!({ "reason": r }),
-                None => json!({}),
+                Some(r) => typed(&model::RollbackBody {
+                    reason: Some(r.clone()),
+                }),
+                None => typed(&model::RollbackBody::default()),
             };
             api.call(Method::POST, &path, Some(body), None).await?
         }
@@ -281,7 +294,9 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             match percentage {
                 None => api.call(Method::GET, &path, None, None).await?,
                 Some(p) => {
-                    let body = json!({ "percentage": finite("percentage", *p)? });
+                    let body = typed(&model::FlagBody {
+                        percentage: finite("percentage", *p)?,
+                    });
                     api.call(Method::PUT, &path, Some(body), None).await?
                 }
             }
@@ -295,9 +310,11 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
                 RolloutCmd::Start { route } => ("start", route, None),
                 RolloutCmd::Pause { route } => ("pause", route, None),
                 RolloutCmd::Resume { route } => ("resume", route, None),
-                RolloutCmd::Promote { route, full } => {
-                    ("promote", route, Some(json!({ "full": full })))
-                }
+                RolloutCmd::Promote { route, full } => (
+                    "promote",
+                    route,
+                    Some(typed(&model::PromoteBody { full: *full })),
+                ),
                 RolloutCmd::Abort { route } => ("abort", route, None),
                 RolloutCmd::Status { route } | RolloutCmd::Wait { route, .. } => ("", route, None),
             };
@@ -305,7 +322,7 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             if verb.is_empty() {
                 api.call(Method::GET, &base, None, None).await?
             } else {
-                let body = body.unwrap_or_else(|| json!({}));
+                let body = body.unwrap_or_else(|| typed(&model::EmptyBody {}));
                 api.call(Method::POST, &format!("{base}/{verb}"), Some(body), None)
                     .await?
             }
@@ -348,13 +365,20 @@ pub async fn wait(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last: Option<String> = None;
     loop {
-        let view = api.call(Method::GET, &path, None, None).await?.body;
-        let failing: Vec<&str> = items(&view, "gates")
+        let reply = api.call(Method::GET, &path, None, None).await?;
+        let rollout: model::RolloutView =
+            serde_json::from_value(reply.body.clone()).map_err(|e| CtlError::BadJson {
+                url: reply.url.clone(),
+                reason: e.to_string(),
+            })?;
+        let view = reply.body;
+        let failing: Vec<&str> = rollout
+            .gates
             .iter()
-            .filter(|g| g["pass"] == false)
-            .filter_map(|g| g["name"].as_str())
+            .filter(|g| !g.pass)
+            .map(|g| g.name.as_str())
             .collect();
-        let key = format!("{} {} {:?}", view["state"], view["step"], failing);
+        let key = format!("{} {} {:?}", rollout.state, rollout.step, failing);
         if last.as_ref() != Some(&key) {
             let line = match args.output {
                 Output::Json => progress_json(&view).to_string(),
@@ -365,16 +389,16 @@ pub async fn wait(
             let _ = out.flush();
             last = Some(key);
         }
-        match view["state"].as_str().unwrap_or_default() {
-            "promoted" => return Ok(WAIT_PROMOTED),
-            "paused" => return Ok(WAIT_PAUSED),
-            "rolled_back" | "aborted" => return Ok(WAIT_ROLLED_BACK),
-            "idle" => {
+        match rollout.state {
+            Phase::Promoted => return Ok(WAIT_PROMOTED),
+            Phase::Paused => return Ok(WAIT_PAUSED),
+            Phase::RolledBack | Phase::Aborted => return Ok(WAIT_ROLLED_BACK),
+            Phase::Idle => {
                 return Err(CtlError::BadArgument(format!(
                     "route `{route}` has no rollout running; start one with `switchyard ctl rollout start {route}`"
                 )));
             }
-            _ => {}
+            Phase::Progressing => {}
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {

@@ -159,7 +159,7 @@ struct Desired {
 }
 
 /// What a change reads back: the view of the route or flag it changed.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Changed {
     Route(Box<RouteView>),
@@ -758,6 +758,12 @@ impl ControlPlane {
         let desired = self.desired();
         let target = Target::of(change);
         let before = view_of(&desired, &target).ok_or_else(|| (None, target.unknown()))?;
+        // An invalid change is refused as such whatever its `If-Match` says: preconditions
+        // are judged only for a request that would otherwise succeed (RFC 9110 §13.2.1).
+        let (write, overrides) = match plan(&desired, change, actor) {
+            Ok(ok) => ok,
+            Err(e) => return Err((Some(before.audited()), e)),
+        };
         let etag = before.etag().to_string();
         if let Some(want) = if_match
             && want.trim() != "*"
@@ -768,10 +774,6 @@ impl ControlPlane {
                 ControlError::Stale { current: etag },
             ));
         }
-        let (write, overrides) = match plan(&desired, change, actor) {
-            Ok(ok) => ok,
-            Err(e) => return Err((Some(before.audited()), e)),
-        };
         let next = Desired {
             config: desired.config.clone(),
             overrides,
