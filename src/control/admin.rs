@@ -103,9 +103,12 @@ async fn healthz() -> Response {
 /// the detail says so, and writes answer 503 meanwhile.
 async fn readyz(State(state): State<AdminState>) -> Response {
     let ready = state.readiness.is_ready();
+    // A job that is restarting does not make the proxy unready either (it routes on its
+    // last snapshot); the detail names it and its last error.
     let body = serde_json::json!({
         "ready": ready,
         "state_store": if state.control.store_ok() { "ok" } else { "unavailable" },
+        "jobs": state.control.jobs().jobs(),
     });
     let status = if ready {
         StatusCode::OK

@@ -21,6 +21,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::Tokens;
+use super::jobs::JobList;
 use super::model::{
     AuditList, ConsistencyList, EmptyBody, ErrorBody, FlagBody, FlagList, FlagView, PromoteBody,
     RollbackBody, RolloutView, RouteList, RouteView, SwitchBody, SyncList, WeightBody,
@@ -84,6 +85,7 @@ fn operations() -> (Router<ApiState>, utoipa::openapi::OpenApi) {
         .routes(routes!(rollout_abort))
         .routes(routes!(sync_status))
         .routes(routes!(consistency_status))
+        .routes(routes!(list_jobs))
         .routes(routes!(openapi))
         .split_for_parts()
 }
@@ -455,6 +457,17 @@ async fn sync_status(State(s): State<ApiState>) -> Response {
         (status = 401, description = "`unauthorized`", body = ErrorBody)))]
 async fn consistency_status(State(s): State<ApiState>) -> Response {
     axum::Json(json!({ "consistency": s.control.feeds().consistency_reports() })).into_response()
+}
+
+/// Every background job under the supervisor: state, restarts, last error.
+#[utoipa::path(get, path = "/v1/jobs", tag = "meta",
+    responses((status = 200, body = JobList),
+        (status = 401, description = "`unauthorized`", body = ErrorBody)))]
+async fn list_jobs(State(s): State<ApiState>) -> Response {
+    axum::Json(JobList {
+        jobs: s.control.jobs().jobs(),
+    })
+    .into_response()
 }
 
 /// A route's rollout: state, step (from 1), weight, gates, bake time left, history.

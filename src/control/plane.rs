@@ -211,6 +211,7 @@ pub struct ControlPlane {
     store_ok: AtomicBool,
     feeds: crate::telemetry::Feeds,
     board: rollout::controller::Board,
+    jobs: super::jobs::Supervisor,
 }
 
 impl ControlPlane {
@@ -228,7 +229,13 @@ impl ControlPlane {
             store_ok: AtomicBool::new(false),
             feeds: crate::telemetry::Feeds::default(),
             board: Default::default(),
+            jobs: Default::default(),
         }
+    }
+
+    /// The supervisor every background job runs under.
+    pub fn jobs(&self) -> &super::jobs::Supervisor {
+        &self.jobs
     }
 
     fn desired(&self) -> std::sync::MutexGuard<'_, Desired> {
