@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import re
 import shutil
@@ -43,7 +44,12 @@ KUBE_MIN = "1.25.0"
 KUBE_SLEEP_ACTION = "1.30.0"
 KUBE_LATEST = "1.37.0"
 # Kinds without a schema in kubernetes-validate (CRDs): checked structurally below.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+# image.repository has no default (there is no public image); renders outside the scenarios set it.
+IMAGE = {"image": {"repository": "registry.example.test/switchyard"}}
 
 passed = 0
 failed = 0
@@ -60,9 +66,15 @@ def check(condition: bool, what: str, detail: object = "") -> bool:
     return condition
 
 
-def render(values: dict, name: str = RELEASE) -> dict[str, str]:
+def with_image(values: dict) -> dict:
+    if "image" in values:
+        return values
+    return {**IMAGE, **values}
+
+
+def render(values: dict, name: str = RELEASE, image: bool = True) -> dict[str, str]:
     with helm.Chart.load(CHART) as chart:
-        return chart.render(values, name=name, namespace=NAMESPACE, is_install=True)
+        return chart.render(with_image(values) if image else values, name=name, namespace=NAMESPACE, is_install=True)
 
 
 def documents(rendered: dict[str, str]) -> list[dict]:
@@ -184,9 +196,10 @@ def check_rendering(scenario: str, values: dict, docs: list[dict]) -> str | None
         f"{p} terminationGracePeriodSeconds {grace} > preStop {wait} + drain_delay {drain} + shutdown_timeout {shutdown}",
     )
 
-    # Rolling on config changes.
+    # Rolling on config changes: `auto` rolls only when the state lives outside the pod.
     annotations = pod["metadata"].get("annotations", {})
-    if v["rollOnConfigChange"]:
+    roll = str(v["rollOnConfigChange"]).lower()
+    if roll == "true" or (roll == "auto" and v["state"]["type"] == "postgres"):
         check(
             re.fullmatch(r"[0-9a-f]{64}", str(annotations.get("checksum/config", ""))) is not None,
             f"{p} pod template carries checksum/config",
@@ -211,6 +224,30 @@ def check_rendering(scenario: str, values: dict, docs: list[dict]) -> str | None
         f"{p} seccomp RuntimeDefault",
     )
     check(spec.get("automountServiceAccountToken") is False, f"{p} no service account token")
+    sa = one(docs, "ServiceAccount")
+    if v["serviceAccount"]["create"]:
+        check(
+            sa is not None
+            and sa["metadata"]["name"] == spec.get("serviceAccountName")
+            and sa.get("automountServiceAccountToken") is False,
+            f"{p} the pods run as the chart's ServiceAccount, which mounts no token",
+            (sa, spec.get("serviceAccountName")),
+        )
+    else:
+        want_sa = v["serviceAccount"]["name"] or v["serviceAccountName"] or "default"
+        check(
+            sa is None and spec.get("serviceAccountName") == want_sa,
+            f"{p} the pods run as the existing ServiceAccount {want_sa}",
+            spec.get("serviceAccountName"),
+        )
+    extra = [str(a) for a in v["extraArgs"]]
+    check(
+        not extra or c["args"][-len(extra):] == extra,
+        f"{p} extraArgs end the serve command line",
+        c["args"],
+    )
+    check_network_policy(p, v, docs, ports)
+    check_sync_install(p, v, docs, config_text, dep)
     check(bool(c.get("resources", {}).get("requests")), f"{p} resource requests set")
 
     # Secrets and environment.
@@ -348,7 +385,134 @@ def check_rendering(scenario: str, values: dict, docs: list[dict]) -> str | None
         check(ok, f"{p} ServiceMonitor scrapes /metrics on the admin Service only", sm)
     else:
         check(sm is None, f"{p} no ServiceMonitor when disabled")
+    check_observability(p, v, docs)
     return config_text
+
+
+def check_network_policy(p: str, v: dict, docs: list[dict], ports: dict) -> None:
+    np = one(docs, "NetworkPolicy")
+    if not v["networkPolicy"]["enabled"]:
+        check(np is None, f"{p} no NetworkPolicy when disabled")
+        return
+    if not check(np is not None, f"{p} one NetworkPolicy"):
+        return
+    rules = np["spec"]["ingress"]
+    proxy_rule = [r for r in rules if {pt["port"] for pt in r["ports"]} & {"http", "https"}]
+    admin_rule = [r for r in rules if {pt["port"] for pt in r["ports"]} == {"admin"}]
+    check(
+        len(proxy_rule) == 1
+        and proxy_rule[0].get("from", []) == v["networkPolicy"]["proxyFrom"]
+        and all(pt["port"] in ports for pt in proxy_rule[0]["ports"]),
+        f"{p} NetworkPolicy opens the proxy ports to proxyFrom",
+        rules,
+    )
+    check(
+        all("admin" not in {pt["port"] for pt in r["ports"]} for r in proxy_rule)
+        and (admin_rule[0]["from"] == v["networkPolicy"]["adminFrom"] if admin_rule else not v["networkPolicy"]["adminFrom"]),
+        f"{p} NetworkPolicy opens the admin port only to adminFrom",
+        rules,
+    )
+    check(
+        ("Egress" in np["spec"]["policyTypes"]) == bool(v["networkPolicy"]["egress"]),
+        f"{p} egress restricted only when networkPolicy.egress is given",
+    )
+
+
+def check_sync_install(p: str, v: dict, docs: list[dict], config_text: str, dep: dict) -> None:
+    jobs = [d for d in docs if d["kind"] == "Job"]
+    if not (v["syncInstall"]["enabled"] and v["config"].get("sync")):
+        check(not jobs, f"{p} no sync install Job without sync pairs")
+        return
+    if not check(len(jobs) == 1, f"{p} one sync install Job"):
+        return
+    job = jobs[0]
+    hooks = set(job["metadata"]["annotations"].get("helm.sh/hook", "").split(","))
+    check(hooks == {"pre-install", "pre-upgrade"}, f"{p} sync install Job is a pre-install and pre-upgrade hook", hooks)
+    jspec = job["spec"]["template"]["spec"]
+    jc = jspec["containers"][0]
+    check(
+        jc["args"] == ["sync", "install", "--config", "/etc/switchyard/switchyard.yaml"]
+        and jc["image"] == dep["spec"]["template"]["spec"]["containers"][0]["image"],
+        f"{p} sync install Job runs `sync install` with the pods' image",
+        jc["args"],
+    )
+    cm_name = jspec["volumes"][0]["configMap"]["name"]
+    cm = one(docs, "ConfigMap", cm_name)
+    check(
+        cm is not None
+        and cm["data"]["switchyard.yaml"].strip() == config_text.strip()
+        and "pre-install" in cm["metadata"]["annotations"].get("helm.sh/hook", "")
+        and int(cm["metadata"]["annotations"].get("helm.sh/hook-weight", "0"))
+        < int(job["metadata"]["annotations"].get("helm.sh/hook-weight", "0")),
+        f"{p} sync install Job reads the pods' config from a hook ConfigMap made before it",
+    )
+    env_names = [e["name"] for e in jc.get("env", [])]
+    check(
+        all(e["name"] in env_names for e in v["extraEnv"]),
+        f"{p} sync install Job gets extraEnv (for ${{VAR}} in sync URLs)",
+        env_names,
+    )
+    selector = dep["spec"]["selector"]["matchLabels"]
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    check(
+        not all(labels.get(k) == val for k, val in selector.items()),
+        f"{p} the Job's pod is not selected by the Services or the PodDisruptionBudget",
+        labels,
+    )
+
+
+def check_observability(p: str, v: dict, docs: list) -> None:
+    """PrometheusRule and Grafana dashboard: present only when enabled, carrying the chart's
+    files unchanged, and every PromQL expression in them accepted by `promtool check rules`."""
+    rule = one(docs, "PrometheusRule")
+    with open(os.path.join(CHART, "files", "alerts.yaml"), encoding="utf-8") as f:
+        shipped = yaml.safe_load(f)
+    if v["prometheusRule"]["enabled"]:
+        check(
+            rule is not None
+            and rule["spec"] == {"groups": shipped["groups"]}
+            and all(rule["metadata"]["labels"].get(k) == val for k, val in v["prometheusRule"]["labels"].items()),
+            f"{p} PrometheusRule carries files/alerts.yaml",
+        )
+        if rule is not None:
+            promtool_rules(p, "PrometheusRule", {"groups": rule["spec"]["groups"]})
+    else:
+        check(rule is None, f"{p} no PrometheusRule when disabled")
+    dash = [d for d in docs if d["kind"] == "ConfigMap" and "switchyard.json" in d.get("data", {})]
+    if v["grafanaDashboard"]["enabled"]:
+        ok = len(dash) == 1 and dash[0]["metadata"]["labels"].get(v["grafanaDashboard"]["label"]) == v["grafanaDashboard"]["labelValue"]
+        check(ok, f"{p} dashboard ConfigMap labelled for Grafana's sidecar")
+        if ok:
+            board = json.loads(dash[0]["data"]["switchyard.json"])
+            exprs = [t["expr"] for panel in board["panels"] for t in panel.get("targets", [])]
+            exprs += [a["expr"] for a in board["annotations"]["list"] if "expr" in a]
+            check(len(exprs) >= 10, f"{p} dashboard has its queries")
+            # Grafana's variables, as Grafana would substitute them.
+            subst = {"$__rate_interval": "1m", "$route": ".*", "$job": ".*"}
+
+            def concrete(e: str) -> str:
+                for k, val in subst.items():
+                    e = e.replace(k, val)
+                return e
+
+            rules = [{"record": f"dashboard:query_{i}", "expr": concrete(e)} for i, e in enumerate(exprs)]
+            promtool_rules(p, "dashboard queries", {"groups": [{"name": "dashboard", "rules": rules}]})
+    else:
+        check(not dash, f"{p} no dashboard ConfigMap when disabled")
+
+
+def promtool_rules(p: str, what: str, rules: dict) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        print(f"skip promtool on {what}: no promtool (Debian package `prometheus`)")
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(rules, f)
+    try:
+        out = subprocess.run([promtool, "check", "rules", f.name], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    check(out.returncode == 0, f"{p} promtool check rules accepts the {what}", out.stdout + out.stderr)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,6 +552,9 @@ def switchyard_check(scenario: str, config_text: str, binary: str, work: str) ->
     env = dict(os.environ)
     env["SWITCHYARD_STATE_URL"] = "postgres://switchyard:secret@postgres.invalid:5432/switchyard"
     env["SWITCHYARD_ADMIN_TOKEN"] = "ci-token"
+    # Other `${VAR}`s (sync URLs from extraEnv) name databases the pod reaches; any URL will do.
+    for name in set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", config_text)) - set(env):
+        env[name] = "postgres://switchyard:secret@postgres.invalid:5432/" + name.lower()
     run = subprocess.run(
         [binary, "check", "--config", path], capture_output=True, text=True, env=env, timeout=60
     )
@@ -405,12 +572,15 @@ REFUSED = [
     ({"replicaCount": 2}, "replicaCount is 2 but state.type is sqlite"),
     ({"autoscaling": {"enabled": True}}, "autoscaling.maxReplicas is 10 but state.type is sqlite"),
     ({"state": {"type": "postgres"}}, "set state.postgres.existingSecret"),
-    ({"state": {"type": "mysql"}}, "state.type must be sqlite or postgres"),
+    ({"state": {"type": "mysql"}}, "at '/state/type': value must be one of 'sqlite', 'postgres'"),
+    ({"replicaCont": 2}, "additional properties 'replicaCont' not allowed"),
+    ({"service": {"typ": "LoadBalancer"}}, "at '/service': additional properties 'typ' not allowed"),
+    ({"rollOnConfigChange": "sometimes"}, "rollOnConfigChange"),
     ({"config": {"listen": {"http": "0.0.0.0:80"}}}, "config.listen is set by the chart"),
     ({"config": {"drain_delay": "1s"}}, "config.drain_delay is set by the chart"),
     ({"adminToken": {"enabled": False}}, "needs a token"),
     ({"tls": {"enabled": True}}, "tls.enabled needs tls.secretName"),
-    ({"preStop": {"mode": "httpGet"}}, "preStop.mode must be exec, sleepAction or none"),
+    ({"preStop": {"mode": "httpGet"}}, "at '/preStop/mode': value must be one of"),
     (
         {"state": {"type": "postgres", "postgres": {"url": "postgres://x@db/x"}},
          "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
@@ -420,6 +590,15 @@ REFUSED = [
 
 
 def check_refusals() -> None:
+    try:
+        render({}, image=False)
+        check(False, "refuses a release without image.repository", "rendered without error")
+    except helm.HelmError as e:
+        check(
+            "image.repository is required" in str(e) and "docker build" in str(e),
+            "refuses a release without image.repository, naming the build command",
+            str(e),
+        )
     for values, words in REFUSED:
         try:
             render(values)
@@ -444,12 +623,27 @@ def check_accepted_edges() -> None:
         dep = one(documents(render(values)), "Deployment", RELEASE)
         return dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 
-    base = checksum({})
-    check(base == checksum({}), "checksum/config is stable for the same values")
+    roll = {"rollOnConfigChange": True}
+    base = checksum(roll)
+    check(base == checksum(roll), "checksum/config is stable for the same values")
     changed = merged({})["config"]
     changed["routes"][0]["split"]["percentage"]["weight"] = 30
-    check(base != checksum({"config": changed}), "checksum/config changes with the config")
-    check(base != checksum({"drainDelaySeconds": 9}), "checksum/config changes with drainDelaySeconds")
+    check(base != checksum({**roll, "config": changed}), "checksum/config changes with the config")
+    check(base != checksum({**roll, "drainDelaySeconds": 9}), "checksum/config changes with drainDelaySeconds")
+    # The default (SQLite, rollOnConfigChange auto): `helm upgrade` with another config leaves the
+    # pod template as it was, so the pod and its runtime weights, rollouts and audit log stay;
+    # hot reload applies the new ConfigMap. With Postgres the pods roll.
+    def pod_template(values: dict) -> dict:
+        return one(documents(render(values)), "Deployment", RELEASE)["spec"]["template"]
+    check(
+        pod_template({}) == pod_template({"config": changed}),
+        "default SQLite release: a config change does not replace the pod (state kept, hot reload)",
+    )
+    pg = {"state": {"type": "postgres", "postgres": {"url": "postgres://u:pw@db:5432/s"}}}
+    check(
+        pod_template(pg) != pod_template({**pg, "config": changed}),
+        "Postgres release: a config change rolls the pods",
+    )
     # Long release names stay within Kubernetes' 63-character limit.
     long = "a-very-long-release-name-that-goes-on-and-on-past-the-limit-x"
     docs = documents(render({}, name=long))
@@ -488,7 +682,7 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="switchyard-chart-")
     try:
         for kube in (KUBE_MIN, KUBE_LATEST):
-            report = helm.lint(CHART, {}, strict=True, kube_version="v" + kube, namespace=NAMESPACE)
+            report = helm.lint(CHART, IMAGE, strict=True, kube_version="v" + kube, namespace=NAMESPACE)
             problems = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
             check(
                 not problems and not report.get("errors"),

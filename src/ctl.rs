@@ -55,7 +55,10 @@ pub struct CtlArgs {
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
+    /// Aligned columns and rounded figures, for people.
+    #[value(alias = "text")]
     Table,
+    /// The admin API's JSON, full precision, for scripts.
     Json,
 }
 
@@ -79,9 +82,13 @@ pub enum CtlCommand {
     /// List routes with the weight or side in force (`*`: runtime override).
     Routes,
     /// Show one route: file, runtime and in-force values, rollback state and ETag.
-    Route { name: String },
+    Route {
+        /// The route's `name` in the config.
+        name: String,
+    },
     /// Set the target weight (0..100) of a percentage or canary route; clears a rollback.
     Weight {
+        /// The route's `name` in the config.
         name: String,
         /// Negative values are passed on, so the API's own 422 explains the range.
         #[arg(allow_negative_numbers = true)]
@@ -92,7 +99,9 @@ pub enum CtlCommand {
     },
     /// Switch a blue/green route to one side.
     Switch {
+        /// The route's `name` in the config.
         name: String,
+        /// The side that gets all of the route's traffic.
         side: SideArg,
         /// Refuse (412) unless the route still has this ETag.
         #[arg(long)]
@@ -100,16 +109,22 @@ pub enum CtlCommand {
     },
     /// Send all of a route's traffic to legacy until a weight is set or the route is reset.
     Rollback {
+        /// The route's `name` in the config.
         name: String,
+        /// Why, for the audit log and the route's state (e.g. an incident number).
         #[arg(long)]
         reason: Option<String>,
     },
     /// Drop every runtime override of a route, back to the config file's values.
-    Reset { name: String },
+    Reset {
+        /// The route's `name` in the config.
+        name: String,
+    },
     /// List feature flags.
     Flags,
     /// Show a flag, or set its percentage with --percentage.
     Flag {
+        /// The flag's name in the config's `flags`.
         name: String,
         /// New rollout percentage (0..100); absent: show the flag.
         #[arg(long)]
@@ -117,6 +132,7 @@ pub enum CtlCommand {
     },
     /// Show the newest audit entries.
     Audit {
+        /// How many entries, newest first.
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
@@ -130,24 +146,42 @@ pub enum CtlCommand {
 #[derive(clap::Subcommand, Debug)]
 pub enum RolloutCmd {
     /// Start at the first step (also after a promotion, rollback or abort).
-    Start { route: String },
+    Start {
+        /// The route's `name` in the config.
+        route: String,
+    },
     /// Hold the current step; its bake time so far is kept.
-    Pause { route: String },
+    Pause {
+        /// The route's `name` in the config.
+        route: String,
+    },
     /// Continue a paused rollout.
-    Resume { route: String },
+    Resume {
+        /// The route's `name` in the config.
+        route: String,
+    },
     /// Go to the next step now; `--full`: straight to 100%.
     Promote {
+        /// The route's `name` in the config.
         route: String,
+        /// Skip the remaining steps: straight to 100%.
         #[arg(long)]
         full: bool,
     },
     /// Send everything to legacy and end the rollout.
-    Abort { route: String },
+    Abort {
+        /// The route's `name` in the config.
+        route: String,
+    },
     /// State, step, weight, every gate with its figure, bake time left, history.
-    Status { route: String },
+    Status {
+        /// The route's `name` in the config.
+        route: String,
+    },
     /// Print a line per change until the rollout ends. Exit 0 promoted, 2 paused, 3 rolled
     /// back or aborted, 4 timeout, 1 any other error.
     Wait {
+        /// The route's `name` in the config.
         route: String,
         /// Give up after this long, e.g. `90s`, `15m`.
         #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]

@@ -9,6 +9,7 @@ pub mod consistency;
 pub mod control;
 pub mod ctl;
 pub mod dataplane;
+pub mod dberror;
 pub mod demo;
 pub mod health;
 pub mod lifecycle;

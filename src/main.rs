@@ -30,15 +30,17 @@ struct Cli {
 enum Command {
     /// Run the proxy, the admin API and the background workers named in the config.
     Serve {
-        #[arg(long)]
+        /// The config file (YAML; see config/switchyard.yaml).
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// Worker threads; default: one per core.
-        #[arg(long)]
-        concurrency: Option<usize>,
+        /// Worker threads, at least 1; default: one per core the process may use.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: Option<u16>,
     },
     /// Validate a config file: exit 0, or exit 2 with `FILE:LINE:COL: message` per problem.
     Check {
-        #[arg(long)]
+        /// The config file (YAML; see config/switchyard.yaml).
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },
     /// Client of the admin API: read and change routes and flags, read the audit log.
@@ -61,16 +63,24 @@ enum Command {
 enum ConsistencyAction {
     /// One full comparison (checksum bisection): exit 0 when consistent, 3 when not, 1 on error.
     Check {
-        #[arg(long)]
+        /// The config file (YAML; see config/switchyard.yaml).
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        #[arg(long)]
-        sync: String,
+        /// The sync pair to compare (its `name`); may be left out when the config has one.
+        #[arg(long, value_name = "NAME")]
+        sync: Option<String>,
         /// Re-queue every differing key through the sync worker's apply path.
         #[arg(long)]
         repair: bool,
-        /// `text` or `json`.
-        #[arg(long, default_value = "text")]
-        output: String,
+        /// `table` for people, `json` for scripts (`text` is accepted for `table`).
+        #[arg(
+            short,
+            long,
+            value_enum,
+            default_value = "table",
+            value_name = "FORMAT"
+        )]
+        output: switchyard::ctl::Output,
     },
 }
 
@@ -78,10 +88,11 @@ enum ConsistencyAction {
 enum SyncAction {
     /// Create change tables, triggers and bookkeeping tables on both sides (idempotent).
     Install {
-        #[arg(long)]
+        /// The config file (YAML; see config/switchyard.yaml).
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// Only this pair; default: every pair in the config.
-        #[arg(long)]
+        /// Only this pair (its `name`); default: every pair in the config.
+        #[arg(long, value_name = "NAME")]
         sync: Option<String>,
         /// Print the DDL and change nothing.
         #[arg(long)]
@@ -89,10 +100,13 @@ enum SyncAction {
     },
     /// Remove the triggers, capture functions and change tables (the conflict log stays).
     Uninstall {
-        #[arg(long)]
+        /// The config file (YAML; see config/switchyard.yaml).
+        #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        #[arg(long)]
+        /// Only this pair (its `name`); default: every pair in the config.
+        #[arg(long, value_name = "NAME")]
         sync: Option<String>,
+        /// Print the DDL and change nothing.
         #[arg(long)]
         dry_run: bool,
     },
@@ -104,9 +118,12 @@ fn main() -> ExitCode {
         Command::Demo(_) => "off",
         _ => "info",
     };
+    // PostgreSQL's notices ("relation … already exists, skipping" on a repeated `sync
+    // install`) are the server talking to a DBA, not events of switchyard's: hidden unless asked.
+    let default_filter = format!("{default_level},sqlx::postgres::notice=warn");
     logging::init(
         cli.log_format,
-        cli.log_level.as_deref().unwrap_or(default_level),
+        cli.log_level.as_deref().unwrap_or(&default_filter),
     );
     match cli.command {
         Command::Demo(args) => demo(args),
@@ -120,18 +137,23 @@ fn main() -> ExitCode {
                     repair,
                     output,
                 },
-        } => match consistency_check(&config, &sync, repair, output == "json") {
+        } => match consistency_check(
+            &config,
+            sync.as_deref(),
+            repair,
+            output == switchyard::ctl::Output::Json,
+        ) {
             Ok(true) => ExitCode::SUCCESS,
             Ok(false) => ExitCode::from(3),
             Err(e) => {
-                eprintln!("switchyard consistency: {e:#}");
+                eprintln!("switchyard consistency: {}", one_message(&e));
                 ExitCode::FAILURE
             }
         },
         Command::Sync { action } => match sync(action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("switchyard sync: {e:#}");
+                eprintln!("switchyard sync: {}", one_message(&e));
                 ExitCode::FAILURE
             }
         },
@@ -141,7 +163,7 @@ fn main() -> ExitCode {
         } => match serve(config, concurrency) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
-                eprintln!("switchyard: {e:#}");
+                eprintln!("switchyard: {}", one_message(&e));
                 ExitCode::FAILURE
             }
         },
@@ -188,14 +210,43 @@ fn ctl(args: switchyard::ctl::CtlArgs) -> ExitCode {
     }
 }
 
+/// An error and its causes on one line, each cause once: library errors often repeat their
+/// source in their own text, which `{:#}` would print again for every level of the chain.
+fn one_message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 fn consistency_check(
     config: &std::path::Path,
-    sync: &str,
+    sync: Option<&str>,
     repair: bool,
     json: bool,
 ) -> anyhow::Result<bool> {
     let parsed = switchyard::config::load(config)
         .with_context(|| format!("reading {}", config.display()))?;
+    let names: Vec<&str> = parsed.sync.iter().map(|s| s.name.as_str()).collect();
+    let sync = match (sync, names.as_slice()) {
+        (Some(name), _) => name,
+        (None, [only]) => only,
+        (None, []) => anyhow::bail!("{} has no `sync:` pairs", config.display()),
+        (None, many) => anyhow::bail!(
+            "{} has {} sync pairs; name one with --sync ({})",
+            config.display(),
+            many.len(),
+            many.join(", ")
+        ),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -256,13 +307,23 @@ fn sync(action: SyncAction) -> anyhow::Result<()> {
         uninstall,
         dry_run,
     ))?;
+    if !dry_run && !uninstall {
+        println!(
+            "next: `switchyard serve --config {}` runs the sync worker: it copies the existing \
+             rows (backfill), then streams every change; follow it at GET /v1/sync on the admin \
+             API, and compare the two sides with `switchyard consistency check --config {}`",
+            config.display(),
+            config.display()
+        );
+    }
     Ok(())
 }
 
-fn serve(config: PathBuf, concurrency: Option<usize>) -> anyhow::Result<()> {
-    let threads =
-        concurrency.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    anyhow::ensure!(threads > 0, "--concurrency must be at least 1");
+fn serve(config: PathBuf, concurrency: Option<u16>) -> anyhow::Result<()> {
+    let threads = concurrency.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
     // One thread needs no work stealing; the single-threaded scheduler is cheaper per request.
     let runtime = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()

@@ -43,6 +43,8 @@ pub enum ServeError {
         "admin.listen {0} is not a loopback address, so the admin API needs a token: set SWITCHYARD_ADMIN_TOKEN or admin.tokens_file"
     )]
     AdminWithoutToken(SocketAddr),
+    #[error(transparent)]
+    AccessLog(#[from] crate::telemetry::access_log::AccessLogError),
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
@@ -218,7 +220,17 @@ pub async fn start(config_path: &Path, env_token: Option<&str>) -> Result<Runnin
             .start(shutdown)
         }
     });
-    let proxy = Arc::new(Proxy::new(publisher.handle(), &config.limits));
+    let endpoints = publisher.handle();
+    metrics.watch_endpoints(move || endpoints.load().endpoint_states());
+    let mut proxy = Proxy::new(publisher.handle(), &config.limits, config.escaped_slashes);
+    if let Some(spec) = &config.access_log {
+        let log = crate::telemetry::access_log::AccessLog::start(
+            spec,
+            metrics.access_log_dropped.clone(),
+        )?;
+        proxy = proxy.with_access_log(log);
+    }
+    let proxy = Arc::new(proxy);
     let settings = ListenerSettings {
         header_read_timeout: config.timeouts.header_read,
         keepalive_timeout: config.timeouts.keepalive,
@@ -264,7 +276,7 @@ pub async fn start(config_path: &Path, env_token: Option<&str>) -> Result<Runnin
     ));
 
     readiness.set(true);
-    tracing::info!(%proxy_addr, https_addr = ?https_addr, %admin_addr, routes = config.routes.len(), "switchyard is serving");
+    tracing::info!(%proxy_addr, https_addr = https_addr.map(tracing::field::display), %admin_addr, routes = config.routes.len(), "switchyard is serving");
     let mut proxy_tasks = vec![joined(proxy_task)];
     proxy_tasks.extend(https_task.map(joined));
     // The order is the drain order: admin first, then the jobs.

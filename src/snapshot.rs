@@ -16,7 +16,7 @@ use crate::dataplane::split::{Flag, RequestFacts};
 use crate::dataplane::upstream::{UpstreamClient, UpstreamClients};
 use crate::health::{EndpointHealth, HealthRegistry, RouteHealth};
 use crate::telemetry::Metrics;
-use crate::telemetry::metrics::{RouteLabels, RouteStats};
+use crate::telemetry::metrics::{EndpointState, RouteLabels, RouteStats};
 
 /// The metric label for requests that no route matched.
 pub const DEFAULT_ROUTE: &str = "_default";
@@ -119,6 +119,8 @@ pub struct RoutingSnapshot {
     /// Same order as `routes`.
     pub policies: Vec<RoutePolicy>,
     pub default_stats: RouteStats,
+    /// Share of requests no route matched that the access log records.
+    pub access_log_sample: f64,
 }
 
 impl RoutingSnapshot {
@@ -156,6 +158,7 @@ impl RoutingSnapshot {
             health: routes.iter().map(|r| health.route(&r.name)).collect(),
             policies: config.policies.clone(),
             default_stats: metrics.route_stats(&Arc::from(DEFAULT_ROUTE)),
+            access_log_sample: config.access_log.as_ref().map_or(0.0, |a| a.sample),
             routes,
             backends,
             default_backend: config.default_backend,
@@ -166,6 +169,27 @@ impl RoutingSnapshot {
 
     pub fn find_route(&self, req: &RequestFacts<'_>) -> Option<RouteId> {
         self.table.find(&self.routes, req)
+    }
+
+    /// Every backend endpoint with its probe verdict, for `switchyard_endpoint_up`.
+    pub fn endpoint_states(&self) -> Vec<EndpointState> {
+        self.backends
+            .iter()
+            .flat_map(|b| {
+                b.endpoints
+                    .iter()
+                    .zip(&b.endpoint_health)
+                    .map(|(e, h)| EndpointState {
+                        backend: b.name.clone(),
+                        // Host and port only: user info in an authority is a secret.
+                        endpoint: match e.authority.port_u16() {
+                            Some(port) => format!("{}:{port}", e.authority.host()),
+                            None => e.authority.host().to_string(),
+                        },
+                        up: h.is_up(),
+                    })
+            })
+            .collect()
     }
 
     pub fn route(&self, id: RouteId) -> &Route {

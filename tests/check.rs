@@ -583,10 +583,12 @@ fn yaml_syntax_error_has_a_position() {
     let found = problems(&path, &out);
     assert_eq!(found.len(), 1, "{}", out.stdout);
     assert_eq!((found[0].line, found[0].col), (12, 4), "{}", out.stdout);
-    assert!(
-        found[0].message.contains("did not find expected key"),
-        "{:?}",
-        found[0]
+    // In plain words: which levels it falls between and the key each would make it part of.
+    assert_eq!(
+        found[0].message,
+        "`bad` at column 4 lines up with no key above it: indent it to column 5 to make it a key \
+         of `target` like `health` on line 11, or to column 3 to make it a key of `backends` like \
+         `target`"
     );
 
     // A tab where indentation is expected.
@@ -596,6 +598,69 @@ fn yaml_syntax_error_has_a_position() {
     let found = problems(&path, &out);
     assert_eq!(found.len(), 1, "{}", out.stdout);
     assert_eq!((found[0].line, found[0].col), (8, 1), "{}", out.stdout);
+    assert!(
+        found[0]
+            .message
+            .contains("tabs are not allowed for indentation"),
+        "{:?}",
+        found[0]
+    );
+
+    // A key indented too far under a key that already has a value.
+    let text = base_with(&[(
+        "    health: { path: /healthz, interval: 2s }\n",
+        "    health: { path: /healthz, interval: 2s }\n      bad: indentation\n",
+    )]);
+    let (_dir, path, out) = check_text(&text, &[]);
+    let found = problems(&path, &out);
+    assert_eq!(found.len(), 1, "{}", out.stdout);
+    assert_eq!((found[0].line, found[0].col), (12, 7), "{}", out.stdout);
+    assert!(
+        found[0]
+            .message
+            .contains("`bad` is indented more than `health` on line 11, which already has a value")
+            && found[0].message.contains("a key of `target`"),
+        "{:?}",
+        found[0]
+    );
+}
+
+#[test]
+fn every_unknown_key_in_one_run_with_the_nearest_match() {
+    let text = base_with(&[
+        ("drain_delay: 0s\n", "drain_delay: 0s\nroutse: []\n"),
+        ("interval: 2s", "intervall: 2s"),
+        ("{ weight: 20 }", "{ weigth: 20 }"),
+        ("    window: 5m", "    windw: 5m"),
+    ]);
+    let (_dir, path, out) = check_text(&text, &[]);
+    assert_eq!(out.code, Some(2), "{}", out.stdout);
+    let found = problems(&path, &out);
+    let summary: Vec<(usize, usize, &str)> = found
+        .iter()
+        .map(|p| (p.line, p.col, p.message.as_str()))
+        .collect();
+    assert_eq!(found.len(), 4, "{summary:#?}");
+    // In line order, each at its key, naming the nearest accepted key and the accepted ones.
+    assert_eq!((found[0].line, found[0].col), (6, 1), "{summary:#?}");
+    assert!(
+        found[0].message.contains("did you mean `routes`?"),
+        "{summary:#?}"
+    );
+    assert_eq!((found[1].line, found[1].col), (12, 31), "{summary:#?}");
+    assert!(
+        found[1].message.contains("did you mean `interval`?")
+            && found[1].message.contains("`path`"),
+        "{summary:#?}"
+    );
+    assert!(
+        found[2].message.contains("did you mean `weight`?"),
+        "{summary:#?}"
+    );
+    assert!(
+        found[3].message.contains("did you mean `window`?"),
+        "{summary:#?}"
+    );
 }
 
 // YAML maps keep the last of two equal keys silently; the position index reports them.
@@ -637,4 +702,140 @@ fn duplicate_key_points_at_the_repeat() {
         "drain_delay",
         &["`drain_delay` is written twice", "line 5"],
     );
+}
+
+// Values `check` used to accept that then crashed or stalled the proxy: each is refused
+// here, with its position.
+
+#[test]
+fn an_absurd_keepalive_is_refused() {
+    let text = base_with(&[(
+        "timeouts: { connect: 2s, request: 30s }",
+        "timeouts: { connect: 2s, request: 30s, keepalive: 300000000000y }",
+    )]);
+    expect_one(&text, 4, 51, "300000000000y", &["too long", "1h"]);
+}
+
+#[test]
+fn an_absurd_header_read_is_refused() {
+    let text = base_with(&[(
+        "timeouts: { connect: 2s, request: 30s }",
+        "timeouts: { connect: 2s, request: 30s, header_read: 100000y }",
+    )]);
+    expect_one(&text, 4, 53, "100000y", &["too long", "1h"]);
+}
+
+#[test]
+fn an_absurd_probe_interval_is_refused() {
+    let text = base_with(&[("interval: 2s", "interval: 1000000000y")]);
+    expect_one(&text, 11, 41, "1000000000y", &["too long"]);
+}
+
+#[test]
+fn an_absurd_drain_delay_is_refused() {
+    let text = base_with(&[("drain_delay: 0s", "drain_delay: 9999999y")]);
+    expect_one(&text, 5, 14, "9999999y", &["too long"]);
+}
+
+#[test]
+fn an_endpoint_port_out_of_range_is_refused() {
+    let text = base_with(&[("http://127.0.0.1:9001", "http://127.0.0.1:99999")]);
+    expect_one(&text, 8, 25, "\"http://127.0.0.1:99999", &["port", "65535"]);
+}
+
+#[test]
+fn an_endpoint_with_credentials_is_refused() {
+    let text = base_with(&[("http://127.0.0.1:9001", "http://ops:hunter2@127.0.0.1:9001")]);
+    expect_one(&text, 8, 25, "\"http://ops:hunter2@", &["credentials"]);
+}
+
+#[test]
+fn a_path_prefix_of_twelve_thousand_segments_is_refused() {
+    let prefix = "/a".repeat(12_000);
+    let text = base_with(&[("path_prefix: /search", &format!("path_prefix: {prefix}"))]);
+    expect_one(&text, 29, 27, "/a/a/a", &["segments"]);
+}
+
+#[test]
+fn a_nesting_bomb_is_refused_fast() {
+    let bomb = format!("x: {}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let text = base_with(&[("drain_delay: 0s\n", &format!("drain_delay: 0s\n{bomb}\n"))]);
+    let started = std::time::Instant::now();
+    let (_dir, path, out) = check_text(&text, &[]);
+    let took = started.elapsed();
+    assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
+    let found = problems(&path, &out);
+    assert_eq!(found.len(), 1, "{}", out.stdout);
+    assert!(
+        found[0].message.contains("nested more than"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(found[0].line, 6, "{}", out.stdout);
+    assert!(
+        took < std::time::Duration::from_secs(2),
+        "check took {took:?}"
+    );
+}
+
+#[test]
+fn a_certificate_that_is_a_device_is_refused() {
+    let text = base_with(&[(
+        "listen: { http: \"127.0.0.1:8080\" }",
+        "listen: { http: \"127.0.0.1:8080\", https: { addr: \"127.0.0.1:8443\", cert: /dev/zero, key: /dev/zero } }",
+    )]);
+    let (_dir, path, out) = check_text(&text, &[]);
+    assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
+    let found = problems(&path, &out);
+    assert!(
+        found
+            .iter()
+            .any(|p| p.line == 1 && p.message.contains("not a regular file")),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn check_reads_the_admin_tokens_file() {
+    let missing = base_with(&[(
+        "admin: { listen: \"127.0.0.1:9901\" }",
+        "admin: { listen: \"127.0.0.1:9901\", tokens_file: no-such-tokens.yaml }",
+    )]);
+    expect_one(&missing, 2, 49, "no-such-tokens.yaml", &["cannot read"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchyard.yaml");
+    std::fs::write(dir.path().join("tokens.yaml"), "ops: not-a-hash\n").unwrap();
+    std::fs::write(
+        &path,
+        base_with(&[(
+            "admin: { listen: \"127.0.0.1:9901\" }",
+            "admin: { listen: \"127.0.0.1:9901\", tokens_file: tokens.yaml }",
+        )]),
+    )
+    .unwrap();
+    let out = run_check(&path, &[]);
+    assert_eq!(out.code, Some(2), "{}{}", out.stdout, out.stderr);
+    let found = problems(&path, &out);
+    assert_eq!(found.len(), 1, "{}", out.stdout);
+    assert!(found[0].message.contains("sha256:"), "{}", out.stdout);
+}
+
+#[test]
+fn a_path_prefix_no_normalised_path_can_have_is_refused() {
+    let text = base_with(&[("path_prefix: /api/users", "path_prefix: /api//users")]);
+    expect_one(
+        &text,
+        15,
+        27,
+        "/api//users",
+        &["normalised", "`/api/users`"],
+    );
+}
+
+#[test]
+fn a_rule_value_no_request_can_carry_is_refused() {
+    let text = base_with(&[("value: \"1\"", "value: \" 1\"")]);
+    expect_one(&text, 26, 28, "{ name: x-canary", &["no request can carry"]);
 }

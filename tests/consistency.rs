@@ -216,16 +216,7 @@ async fn the_sampler_drops_below_one_once_it_samples_differences() {
 }
 
 fn install(path: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["sync", "install", "--config"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    support::sync_install(path);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -381,4 +372,155 @@ async fn a_database_that_is_down_makes_the_figures_stale() {
         s["stale"] == false && s["last_error"].is_null()
     })
     .await;
+}
+
+/// Keys of the rows the check lists as different, as numbers.
+fn different_keys(run: &CheckRun) -> Vec<i64> {
+    let mut keys: Vec<i64> = run.report["different"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["key"][0].as_str().unwrap().parse().unwrap())
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn separators_inside_values_cannot_hide_a_difference_and_every_differing_row_is_listed() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    for db in [&src, &dst] {
+        db.exec("CREATE TABLE users (id integer PRIMARY KEY, a text, b text)")
+            .await;
+        db.exec("INSERT INTO users SELECT g, 'a' || g, 'b' || g FROM generate_series(2, 3000) g")
+            .await;
+    }
+    // The reported rows: the same characters, split differently between the columns.
+    src.exec("INSERT INTO users VALUES (1, 'x' || chr(31), 'y')")
+        .await;
+    dst.exec("INSERT INTO users VALUES (1, 'x', chr(31) || 'y')")
+        .await;
+    let (_dir, path) = write_config(&pair_yaml(&src, &dst, "id", "", "10/s"));
+    let run = check(&path, false);
+    assert_eq!(run.code, 3, "{} {}", run.report, run.stderr);
+    assert_eq!(different_keys(&run), vec![1], "{}", run.report);
+    // Many differences inside one range: every one of them is listed.
+    dst.exec("UPDATE users SET b = NULL WHERE id % 97 = 0")
+        .await;
+    dst.exec("UPDATE users SET a = a || chr(30) WHERE id % 89 = 0")
+        .await;
+    let mut expected: Vec<i64> = (1..=3000).filter(|k| k % 97 == 0 || k % 89 == 0).collect();
+    expected.insert(0, 1);
+    expected.dedup();
+    let run = check(&path, false);
+    assert_eq!(run.code, 3, "{}", run.report);
+    assert_eq!(different_keys(&run), expected, "{}", run.report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equal_floats_are_equal_across_engines_and_different_ones_differ() {
+    let src = TestDb::new(Kind::My).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    src.exec(
+        "CREATE TABLE users (id int PRIMARY KEY, v double, r float, d decimal(10,4)) ENGINE=InnoDB",
+    )
+    .await;
+    dst.exec(
+        "CREATE TABLE users (id int PRIMARY KEY, v double precision, r real, d numeric(10,4))",
+    )
+    .await;
+    src.exec(
+        "INSERT INTO users VALUES (1, 1700000000.123456, 0.1, 1.5), (2, 0.1, 3.4e38, -0.0001), \
+         (3, 1e20, -2.5, 0), (4, -2.5e-300, 1e-30, 123456.7891), (5, NULL, NULL, NULL), \
+         (6, 0.30000000000000004, 16777216, 10)",
+    )
+    .await;
+    let (_dir, path) = write_config(&pair_yaml(&src, &dst, "id", "", "200/s"));
+    install(&path);
+    let proxy = Switchyard::start_file(&path);
+    eventually(Duration::from_secs(20), "the copy", || async {
+        dst.count("users").await == 6
+    })
+    .await;
+    // The copy is exact: the test's own reading of the doubles' digits agrees.
+    let copied = dst.rows("SELECT v::text FROM users WHERE id = 1").await;
+    assert_eq!(copied[0][0].as_deref(), Some("1700000000.123456"));
+    let run = check(&path, false);
+    assert_eq!(run.code, 0, "{} {}", run.report, run.stderr);
+    let s = sampler_agrees(&proxy, 100).await;
+    assert_eq!(s["mismatched"], 0, "{s}");
+    // The next double up, one unit in the last place away, and a decimal digit off.
+    dst.exec("UPDATE users SET v = 1700000000.1234562 WHERE id = 1")
+        .await;
+    dst.exec("UPDATE users SET d = 123456.7892 WHERE id = 4")
+        .await;
+    let run = check(&path, false);
+    assert_eq!(run.code, 3, "{}", run.report);
+    assert_eq!(different_keys(&run), vec![1, 4], "{}", run.report);
+    eventually(
+        Duration::from_secs(30),
+        "the sampler sees row 1 differ",
+        || async {
+            let s = sampled(&proxy).await;
+            s["mismatches"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|m| m["key"][0] == "1" && m["columns"][0] == "v")
+        },
+    )
+    .await;
+}
+
+/// Lower end of the 95% Wilson score interval, written out here from its textbook formula.
+fn wilson(matched: f64, n: f64) -> f64 {
+    let z = 1.96_f64;
+    let p = matched / n;
+    (p + z * z / (2.0 * n) - z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt())
+        / (1.0 + z * z / n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sampler_estimates_the_share_of_differing_rows_whatever_the_gaps() {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::Pg).await;
+    // Keys 1–3001 and one key after a gap; three rows differ, one of them the key after the gap.
+    for db in [&src, &dst] {
+        db.exec(USERS).await;
+        db.exec("INSERT INTO users (id, name, score, note) SELECT g, 'user ' || g, g % 100, 'n' FROM generate_series(1, 3001) g")
+            .await;
+        db.exec("INSERT INTO users (id, name, score, note) VALUES (5000, 'after the gap', 0, 'n')")
+            .await;
+    }
+    dst.exec("UPDATE users SET score = -1 WHERE id IN (5000, 1500, 3001)")
+        .await;
+    let rows = src.count("users").await as f64;
+    let injected = dst
+        .scalar_i64("SELECT COUNT(*) FROM users WHERE score = -1")
+        .await as f64
+        / rows;
+    let (_dir, path) = write_config(&pair_yaml(&src, &dst, "id", "", "2000/s"));
+    let proxy = Switchyard::start_file(&path);
+    eventually(Duration::from_secs(60), "enough samples", || async {
+        sampled(&proxy).await["sampled"].as_u64().unwrap_or(0) >= 12_000
+    })
+    .await;
+    let s = sampled(&proxy).await;
+    let n = s["sampled"].as_f64().unwrap();
+    let matched = s["matched"].as_f64().unwrap();
+    let share = 1.0 - s["ratio"].as_f64().unwrap();
+    // Five standard errors of a binomial share, plus the draws still waiting for a recheck.
+    let tolerance =
+        5.0 * (injected * (1.0 - injected) / n).sqrt() + 2.0 * 500.0 / n * injected + 1.0 / n;
+    assert!(
+        (share - injected).abs() <= tolerance,
+        "sampled share {share} vs injected {injected} (±{tolerance}) in {s}"
+    );
+    let lower = s["lower_bound"].as_f64().unwrap();
+    assert!(
+        (lower - wilson(matched, n)).abs() < 1e-9,
+        "{lower} vs {}",
+        wilson(matched, n)
+    );
 }

@@ -80,6 +80,21 @@ fn summary_value<'a>(out: &'a str, label: &str) -> &'a str {
 }
 
 #[test]
+fn a_duration_too_short_for_the_walk_is_refused_up_front() {
+    let started = Instant::now();
+    let out = demo(&["--duration", "10s"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("--duration 10s is too short") && err.contains("try --duration 30s"),
+        "{err}"
+    );
+    // Refused before anything starts: no files, no servers, no waiting.
+    assert!(String::from_utf8_lossy(&out.stdout).is_empty());
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
 fn demo_rolls_out_rolls_back_and_loses_no_write() {
     let (mut child, rx) = spawn(&["--duration", "30s"]);
     let status = wait_exit(&mut child, Duration::from_secs(180));
@@ -98,6 +113,37 @@ fn demo_rolls_out_rolls_back_and_loses_no_write() {
         out.contains("rollout promoted: users at 100%"),
         "no promotion in:\n{out}"
     );
+    // The status page link carries the token, so it opens signed in.
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("status page: http://") && l.contains("/ui#token=")),
+        "{out}"
+    );
+    // After promotion the demo says what comes next, and the live line counts down to it.
+    assert!(out.contains("then the demo injects a fault"), "{out}");
+    assert!(out.contains("fault in "), "{out}");
+    assert!(!out.contains("bake left s"), "{out}");
+    // The line's consistency figure is the one the gate judges: where the gate holds on
+    // `consistency X < limit`, the same line shows `consistency ≥ Y` with Y that bound, read a
+    // moment apart (two API calls), never the raw ratio of 1.0 beside a holding gate.
+    for line in out
+        .lines()
+        .filter(|l| l.contains("holding: min_consistency"))
+    {
+        let gate: f64 = line
+            .split("consistency ")
+            .last()
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no gate figure in {line}"));
+        let shown: f64 = line
+            .split("| consistency ≥ ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no consistency figure in {line}"));
+        assert!(shown < 1.0 && (shown - gate).abs() < 0.005, "{line}");
+    }
     assert!(out.contains("fault injected"), "{out}");
     let rollback = out
         .lines()
@@ -123,8 +169,24 @@ fn demo_rolls_out_rolls_back_and_loses_no_write() {
         summary_value(&out, "sync settled:").starts_with("yes"),
         "{out}"
     );
+    // `≥ BOUND (N sampled)`: with every sample matching, the 95 % Wilson lower bound is
+    // N / (N + 1.96²); anything lower means a sample differed.
     let consistency = summary_value(&out, "consistency before fault:");
-    assert!(consistency.starts_with("1.0000"), "{consistency}\n{out}");
+    let (bound, sampled) = consistency
+        .strip_prefix("≥ ")
+        .and_then(|s| s.split_once(" ("))
+        .and_then(|(b, rest)| {
+            Some((
+                b.parse::<f64>().ok()?,
+                rest.split(' ').next()?.parse::<f64>().ok()?,
+            ))
+        })
+        .unwrap_or_else(|| panic!("{consistency}\n{out}"));
+    let all_matched = sampled / (sampled + 1.96 * 1.96);
+    assert!(
+        sampled > 0.0 && (bound - all_matched).abs() < 0.00015,
+        "{consistency}: expected ≥ {all_matched:.4} for {sampled} matching samples\n{out}"
+    );
     assert!(out.contains("result: ok"), "{out}");
 }
 

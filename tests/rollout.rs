@@ -291,7 +291,7 @@ async fn a_full_walk_under_load_promotes_with_each_step_share_within_two_points(
         "{metrics}"
     );
     assert!(
-        metrics.contains("switchyard_rollout_gate{route=\"users\",gate=\"max_error_rate\"}"),
+        metrics.contains("switchyard_rollout_gate_ratio{route=\"users\",gate=\"max_error_rate\"}"),
         "{metrics}"
     );
 }

@@ -48,16 +48,7 @@ fn gate<'a>(view: &'a Value, name: &str) -> &'a Value {
 }
 
 fn install(path: &std::path::Path) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["sync", "install", "--config"])
-        .arg(path)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sync_install(path);
 }
 
 async fn pair() -> (TestDb, TestDb) {

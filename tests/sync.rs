@@ -669,3 +669,280 @@ async fn install_names_the_privileges_a_user_lacks() {
         "{err}"
     );
 }
+
+// ---- Unique constraints on the receiving side -------------------------------------------------
+
+const ACCT: &str =
+    "CREATE TABLE acct (id integer PRIMARY KEY, email varchar(100) NOT NULL UNIQUE, name text)";
+const ACCT2: &str = "CREATE TABLE acct2 (a integer NOT NULL, b integer NOT NULL, code varchar(20) NOT NULL, \
+     note text, PRIMARY KEY (a, b), UNIQUE (code))";
+
+/// `acct` and `acct2` rows as text, ordered by key, read with the engine's own casts.
+async fn dump_acct(db: &TestDb) -> (Vec<Vec<Option<String>>>, Vec<Vec<Option<String>>>) {
+    let (one, two) = match db.kind {
+        Kind::My => (
+            "SELECT CAST(id AS CHAR), email, name FROM acct ORDER BY acct.id",
+            "SELECT CAST(a AS CHAR), CAST(b AS CHAR), code, note FROM acct2 ORDER BY acct2.a, acct2.b",
+        ),
+        _ => (
+            "SELECT CAST(id AS TEXT), email, name FROM acct ORDER BY acct.id",
+            "SELECT CAST(a AS TEXT), CAST(b AS TEXT), code, note FROM acct2 ORDER BY acct2.a, acct2.b",
+        ),
+    };
+    (db.rows(one).await, db.rows(two).await)
+}
+
+async fn wait_acct_equal(src: &TestDb, dst: &TestDb, step: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (a, b) = (dump_acct(src).await, dump_acct(dst).await);
+        if a == b {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after {step}: source {a:?} but target {b:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Runs each SQL text as one transaction on the source.
+async fn txn(db: &TestDb, stmts: &[&str]) {
+    let mut tx = db.pool.begin().await.unwrap();
+    for s in stmts {
+        sqlx::query(sqlx::AssertSqlSafe(s.to_string()))
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+    tx.commit().await.unwrap();
+}
+
+async fn unique_columns_stay_equal(dst_kind: Kind) {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(dst_kind).await;
+    for db in [&src, &dst] {
+        db.exec(ACCT).await;
+        db.exec(ACCT2).await;
+    }
+    src.exec("INSERT INTO acct VALUES (1,'a@example.test','A'), (2,'b@example.test','B'), (3,'c@example.test','C')")
+        .await;
+    src.exec("INSERT INTO acct2 VALUES (1,1,'x','one'), (1,2,'y','two'), (2,1,'z','three')")
+        .await;
+    // MariaDB's default collation ignores case; these values differ in more than case.
+    let extra = if dst_kind == Kind::My {
+        "    accept_looser_collation: true\n"
+    } else {
+        ""
+    };
+    let yaml = format!(
+        "backends:\n  m: {{ endpoints: [\"http://127.0.0.1:9\"] }}\ndefault_backend: m\nsync:\n\
+         \x20 - name: acct\n    source: {{ url: \"{s}\", table: acct, key: [id] }}\n    target: {{ url: \"{t}\", table: acct, key: [id] }}\n{extra}\
+         \x20 - name: acct2\n    source: {{ url: \"{s}\", table: acct2, key: [a, b] }}\n    target: {{ url: \"{t}\", table: acct2, key: [a, b] }}\n{extra}",
+        s = src.url(),
+        t = dst.url()
+    );
+    let (_dir, path) = write_config(&yaml);
+    install(&path);
+    let proxy = Switchyard::start_file(&path);
+    wait_acct_equal(&src, &dst, "the backfill").await;
+
+    // The reported case: a key change on a row with a unique value.
+    src.exec("UPDATE acct SET id = 10 WHERE id = 1").await;
+    wait_acct_equal(&src, &dst, "UPDATE acct SET id = 10 WHERE id = 1").await;
+    // Two rows swap their unique values inside one transaction.
+    txn(
+        &src,
+        &[
+            "UPDATE acct SET email = 'tmp@example.test' WHERE id = 2",
+            "UPDATE acct SET email = 'b@example.test' WHERE id = 3",
+            "UPDATE acct SET email = 'c@example.test' WHERE id = 2",
+        ],
+    )
+    .await;
+    wait_acct_equal(&src, &dst, "a swap in one transaction").await;
+    // A row deleted and another inserted with its unique value, in one transaction.
+    txn(
+        &src,
+        &[
+            "DELETE FROM acct WHERE id = 10",
+            "INSERT INTO acct VALUES (11, 'a@example.test', 'A again')",
+        ],
+    )
+    .await;
+    wait_acct_equal(&src, &dst, "delete and insert reusing a value").await;
+    // A key changed back and forth, in one transaction and in two.
+    txn(
+        &src,
+        &[
+            "UPDATE acct SET id = 20 WHERE id = 11",
+            "UPDATE acct SET id = 11 WHERE id = 20",
+        ],
+    )
+    .await;
+    src.exec("UPDATE acct SET id = 30 WHERE id = 3").await;
+    src.exec("UPDATE acct SET id = 3 WHERE id = 30").await;
+    wait_acct_equal(&src, &dst, "a key back and forth").await;
+    // Three rows rotate their values, and a key and a value move together.
+    txn(
+        &src,
+        &[
+            "UPDATE acct SET email = 't1' WHERE id = 2",
+            "UPDATE acct SET email = 'c@example.test' WHERE id = 11",
+            "UPDATE acct SET email = 'a@example.test' WHERE id = 3",
+            "UPDATE acct SET email = 'b@example.test' WHERE id = 2",
+            "UPDATE acct SET id = 12 WHERE id = 11",
+        ],
+    )
+    .await;
+    wait_acct_equal(&src, &dst, "a rotation of three values").await;
+    // Composite keys: a key part changes, codes swap, a code is reused.
+    txn(
+        &src,
+        &[
+            "UPDATE acct2 SET b = 9 WHERE a = 1 AND b = 1",
+            "UPDATE acct2 SET code = 'q' WHERE a = 1 AND b = 2",
+            "UPDATE acct2 SET code = 'y' WHERE a = 2 AND b = 1",
+            "UPDATE acct2 SET code = 'z' WHERE a = 1 AND b = 2",
+            "DELETE FROM acct2 WHERE a = 1 AND b = 9",
+            "INSERT INTO acct2 VALUES (3, 3, 'x', 'reused')",
+        ],
+    )
+    .await;
+    wait_acct_equal(&src, &dst, "composite key changes").await;
+
+    // A row the target cannot hold (its value is taken by a row only the target has): reported
+    // with its key and the constraint, while every other change keeps flowing.
+    dst.exec("INSERT INTO acct VALUES (99, 'only-target@example.test', 'intruder')")
+        .await;
+    src.exec("INSERT INTO acct VALUES (40, 'only-target@example.test', 'blocked')")
+        .await;
+    src.exec("INSERT INTO acct VALUES (41, 'free@example.test', 'flows')")
+        .await;
+    eventually(
+        Duration::from_secs(20),
+        "the refused row is reported",
+        || async {
+            let (status, body) = admin_call(&proxy, "GET", "/v1/sync", "").await;
+            assert!(status.is_success());
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let acct = v["sync"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["name"] == "acct")
+                .cloned()
+                .unwrap();
+            let err = acct["last_error"].as_str().unwrap_or_default().to_string();
+            let landed = dst
+                .scalar_i64("SELECT COUNT(*) FROM acct WHERE id = 41")
+                .await
+                == 1;
+            landed && err.contains("key [40]") && err.to_lowercase().contains("email")
+        },
+    )
+    .await;
+    dst.exec("DELETE FROM acct WHERE id = 99").await;
+    wait_acct_equal(&src, &dst, "the intruder left the target").await;
+    eventually(Duration::from_secs(10), "the error clears", || async {
+        let (_, body) = admin_call(&proxy, "GET", "/v1/sync", "").await;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        v["sync"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| s["last_error"].is_null())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_columns_pg_to_pg() {
+    unique_columns_stay_equal(Kind::Pg).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_columns_pg_to_mariadb() {
+    unique_columns_stay_equal(Kind::My).await;
+}
+
+// ---- Collations ------------------------------------------------------------------------------
+
+fn keyed_yaml(src: &TestDb, dst: &TestDb, key: &str, extra: &str) -> String {
+    format!(
+        "backends:\n  m: {{ endpoints: [\"http://127.0.0.1:9\"] }}\ndefault_backend: m\nsync:\n  - name: users\n    source: {{ url: \"{}\", table: users, key: [{key}] }}\n    target: {{ url: \"{}\", table: users, key: [{key}] }}\n{extra}",
+        src.url(),
+        dst.url()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_refuses_a_target_key_that_compares_more_loosely_and_the_worker_counts_what_the_target_holds()
+ {
+    let src = TestDb::new(Kind::Pg).await;
+    let dst = TestDb::new(Kind::My).await;
+    src.exec("CREATE TABLE users (k text PRIMARY KEY, email text UNIQUE, v text)")
+        .await;
+    src.exec("INSERT INTO users VALUES ('a', 'x1', '1'), ('A', 'x2', '2'), ('b', 'x3', '3'), ('B', 'x4', '4')")
+        .await;
+    let path_for = |extra: &str| write_config(&keyed_yaml(&src, &dst, "k", extra));
+    // Case-insensitive (the MariaDB default), pad-space, and exact keys.
+    for (ddl, refused) in [
+        (
+            "CREATE TABLE users (k varchar(50) PRIMARY KEY, email varchar(50) COLLATE utf8mb4_nopad_bin UNIQUE, v text)",
+            Some("ignores case"),
+        ),
+        (
+            "CREATE TABLE users (k varchar(50) COLLATE utf8mb4_bin PRIMARY KEY, email varchar(50) COLLATE utf8mb4_nopad_bin UNIQUE, v text)",
+            Some("ignores trailing spaces"),
+        ),
+        (
+            "CREATE TABLE users (k varchar(50) COLLATE utf8mb4_nopad_bin PRIMARY KEY, email varchar(50) UNIQUE, v text)",
+            Some("unique index `email`"),
+        ),
+        (
+            "CREATE TABLE users (k varchar(50) COLLATE utf8mb4_nopad_bin PRIMARY KEY, email varchar(50) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin UNIQUE, v text)",
+            None,
+        ),
+    ] {
+        dst.exec("DROP TABLE IF EXISTS users").await;
+        dst.exec(ddl).await;
+        let (_dir, path) = path_for("");
+        let (ok, out, err) = sync_cli(&path, &["install", "--dry-run"]);
+        match refused {
+            Some(why) => {
+                assert!(!ok, "{ddl}: install accepted it: {out}");
+                assert!(err.contains(why), "{ddl}: {err}");
+                assert!(err.contains("accept_looser_collation"), "{err}");
+            }
+            None => assert!(ok, "{ddl}: {out}{err}"),
+        }
+    }
+    // Accepted explicitly: the rows that collide are never counted as copied.
+    dst.exec("DROP TABLE users").await;
+    dst.exec("CREATE TABLE users (k varchar(50) PRIMARY KEY, email varchar(50), v text)")
+        .await;
+    let (_dir, path) = path_for("    accept_looser_collation: true\n");
+    install(&path);
+    let proxy = Switchyard::start_file(&path);
+    eventually(Duration::from_secs(20), "the backfill ends", || async {
+        sync_status(&proxy).await["phase"] == "stream"
+    })
+    .await;
+    let held = dst.count("users").await;
+    assert_eq!(held, 2, "the target merges a/A and b/B");
+    eventually(
+        Duration::from_secs(10),
+        "the refusal is reported",
+        || async {
+            let s = sync_status(&proxy).await;
+            s["backfill_rows_copied"] == held
+                && s["backfill_rows_total"] == 4
+                && s["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("refused by the target"))
+        },
+    )
+    .await;
+}

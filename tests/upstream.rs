@@ -206,9 +206,10 @@ async fn https_backend_with_an_unknown_issuer_is_refused() {
     let (status, _, body) = get(&proxy.url("/hello"), &[]).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert_eq!(error_code(&body), "upstream_connect_failed");
+    // The certificate problem goes to the log; the client learns the cause code only.
     assert!(
-        body.to_ascii_lowercase().contains("certificate"),
-        "the error names the certificate problem: {body}"
+        !body.to_ascii_lowercase().contains("certificate"),
+        "the error tells a stranger about the backend: {body}"
     );
     assert!(seen.versions.lock().unwrap().is_empty());
 }
@@ -236,7 +237,7 @@ async fn server_name_overrides_the_endpoint_host_for_sni_and_verification() {
     );
     let (status, _, body) = get(&plain.url("/hello"), &[]).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
-    assert!(body.to_ascii_lowercase().contains("certificate"), "{body}");
+    assert_eq!(error_code(&body), "upstream_connect_failed");
 }
 
 #[tokio::test]

@@ -4,9 +4,12 @@
 //! The file goes raw (`raw`, serde, unknown keys refused) → validated (`validate`, every
 //! problem collected with its file, line and column). Nothing unvalidated leaves this module.
 
+pub mod files;
 pub mod position;
 pub mod raw;
 pub mod reload;
+mod syntax;
+mod unknown;
 mod validate;
 
 use std::fmt;
@@ -71,11 +74,16 @@ impl ConfigError {
 
 /// Reads and validates a configuration file.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    let text = read_config(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
     parse(&text, path).map_err(ConfigError::Invalid)
+}
+
+/// The config file's text: a regular file of at most `MAX_CONFIG_BYTES`.
+pub fn read_config(path: &Path) -> std::io::Result<String> {
+    files::read_bounded_text(path, validate::MAX_CONFIG_BYTES as u64)
 }
 
 /// Validates configuration text; `file` only names it in diagnostics.
@@ -97,6 +105,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The TLS listener, when `listen.https` is set.
     pub https: Option<HttpsListen>,
+    /// `listen.escaped_slashes`: encoded `/` and `\` in paths are refused unless `keep`.
+    pub escaped_slashes: crate::dataplane::admission::EscapedSlashes,
     pub admin_listen: SocketAddr,
     /// Resolved against the config file's directory.
     pub admin_tokens_file: Option<PathBuf>,
@@ -113,6 +123,43 @@ pub struct Config {
     pub flags: Vec<Flag>,
     pub sync: Vec<SyncSpec>,
     pub consistency: Vec<ConsistencySpec>,
+    /// `access_log:`; `None` writes no access log.
+    pub access_log: Option<AccessLogSpec>,
+    /// `tracing:`; `None` exports no spans.
+    pub tracing: Option<TracingSpec>,
+}
+
+/// Where and how the access log is written (contract §10). Fixed when `serve` starts; a
+/// reload changes only the shares sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogSpec {
+    pub format: AccessLogFormat,
+    pub path: AccessLogPath,
+    /// Share of requests logged on routes without their own `access_log.sample`, 0..=1.
+    pub sample: f64,
+    /// Lines that may wait for the writer before new ones are dropped.
+    pub queue: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogPath {
+    Stdout,
+    /// Resolved against the config file's directory; opened for appending.
+    File(PathBuf),
+}
+
+/// Where spans go and which share of traces is sampled (contract §10).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingSpec {
+    /// OTLP/HTTP endpoint, e.g. `http://collector:4318`; spans are posted to `/v1/traces`.
+    pub otlp_endpoint: String,
+    pub sample_ratio: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -241,6 +288,9 @@ pub struct RoutePolicy {
     pub rollback: Option<RollbackSpec>,
     pub failover: Option<FailoverSpec>,
     pub rollout: Option<RolloutSpec>,
+    /// Share of the route's requests in the access log: its own `access_log.sample`, else
+    /// the top-level one, else 0.
+    pub access_sample: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -306,6 +356,9 @@ pub struct SyncSpec {
     pub conflict: Conflict,
     /// Routes whose rollout gates read this pair's lag and consistency.
     pub routes: Vec<String>,
+    /// Runs the pair although a key or unique column compares more loosely on the target
+    /// than on the source (rows the source keeps apart may then collide on the target).
+    pub accept_looser_collation: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -67,6 +67,36 @@ enum Frame {
     },
 }
 
+/// Where the first collection nested deeper than `max` starts, if one does. Linear in the
+/// text and stops at the first such collection, so it is safe to run before anything whose
+/// cost grows with depth (the index's paths, serde's recursion).
+pub fn too_deep(text: &str, max: usize) -> Option<Position> {
+    let mut depth = 0usize;
+    for result in Parser::new_from_str(text) {
+        let (event, span) = match result {
+            Ok(pair) => pair,
+            // The scanner has a flow-depth limit of its own (256) and stops there.
+            Err(e) if e.info().contains("recursion limit") => {
+                return Some(Position::from_marker(*e.marker()));
+            }
+            // Syntax errors are serde's to report.
+            Err(_) => return None,
+        };
+        match event {
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                depth += 1;
+                if depth > max {
+                    return Some(Position::from_marker(span.start));
+                }
+            }
+            Event::MappingEnd | Event::SequenceEnd => depth = depth.saturating_sub(1),
+            Event::DocumentEnd => return None,
+            _ => {}
+        }
+    }
+    None
+}
+
 impl PositionIndex {
     /// Never fails: on a YAML syntax error it returns what it indexed so far (the serde parse reports syntax errors itself).
     pub fn build(text: &str) -> PositionIndex {
@@ -414,5 +444,24 @@ flags:
     fn empty_input() {
         let idx = PositionIndex::build("");
         assert_eq!(idx.locate("anything"), Position { line: 1, col: 1 });
+    }
+}
+
+#[cfg(test)]
+mod depth_tests {
+    use super::*;
+
+    #[test]
+    fn a_nesting_bomb_is_found_at_its_depth_limit() {
+        let bomb = format!("x: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+        let started = std::time::Instant::now();
+        let found = too_deep(&bomb, 64);
+        assert!(found.is_some_and(|p| p.line == 1));
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+        let block = (0..100).fold(String::new(), |text, depth| {
+            text + &" ".repeat(depth) + "k:\n"
+        });
+        assert_eq!(too_deep(&block, 64), Some(Position { line: 65, col: 65 }));
+        assert_eq!(too_deep("a: [[1], {b: [2]}]\n", 64), None);
     }
 }

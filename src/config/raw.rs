@@ -33,6 +33,41 @@ pub struct RawConfig {
     pub sync: Vec<RawSync>,
     #[serde(default)]
     pub consistency: Vec<RawConsistency>,
+    #[serde(default)]
+    pub access_log: Option<RawAccessLog>,
+    #[serde(default)]
+    pub tracing: Option<RawTracing>,
+}
+
+/// `access_log:` at the top level.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAccessLog {
+    #[serde(default)]
+    pub format: Option<String>,
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub sample: Option<f64>,
+    /// Lines waiting for the writer; more are dropped and counted.
+    #[serde(default)]
+    pub queue: Option<u64>,
+}
+
+/// `access_log:` of a route: its own share of requests logged.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRouteAccessLog {
+    pub sample: f64,
+}
+
+/// `tracing:` at the top level.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    pub otlp_endpoint: String,
+    #[serde(default)]
+    pub sample_ratio: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -41,6 +76,9 @@ pub struct RawListen {
     pub http: String,
     #[serde(default)]
     pub https: Option<RawHttps>,
+    /// `reject` (default) or `keep`: what to do with `%2F`/`%5C` in request paths.
+    #[serde(default)]
+    pub escaped_slashes: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +200,8 @@ pub struct RawRoute {
     pub failover: Option<RawFailover>,
     #[serde(default)]
     pub rollout: Option<RawRollout>,
+    #[serde(default)]
+    pub access_log: Option<RawRouteAccessLog>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -368,6 +408,8 @@ pub struct RawSync {
     /// Routes whose rollouts this pair gates; default: the route named like the pair.
     #[serde(default)]
     pub routes: Option<Vec<String>>,
+    #[serde(default)]
+    pub accept_looser_collation: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -56,7 +56,7 @@ impl ConfigReloader {
     ) -> ConfigReloader {
         ConfigReloader {
             path: path.to_path_buf(),
-            last_text: std::fs::read_to_string(path).ok(),
+            last_text: super::read_config(path).ok(),
             publisher,
             control,
             current,
@@ -113,7 +113,7 @@ impl ConfigReloader {
     }
 
     async fn reload(&mut self, cause: Cause) {
-        let text = match std::fs::read_to_string(&self.path) {
+        let text = match super::read_config(&self.path) {
             Ok(text) => text,
             Err(e) => {
                 // A file briefly missing during an editor's rename is not a failed reload.
@@ -128,7 +128,19 @@ impl ConfigReloader {
             return;
         }
         self.last_text = Some(text.clone());
-        match super::parse(&text, &self.path) {
+        // Validation is CPU work proportional to the file; it runs beside the request
+        // runtime's workers, never on one of them.
+        let path = self.path.clone();
+        let parsed = tokio::task::spawn_blocking(move || super::parse(&text, &path))
+            .await
+            .unwrap_or_else(|e| {
+                Err(vec![super::Diagnostic {
+                    file: self.path.clone(),
+                    position: super::Position { line: 1, col: 1 },
+                    message: format!("validation did not finish: {e}"),
+                }])
+            });
+        match parsed {
             Ok(next) => {
                 for (what, changed) in [
                     ("listen.http", next.listen != self.current.listen),

@@ -14,9 +14,10 @@ use http::Method;
 use http::header::HeaderName;
 use ipnet::IpNet;
 
-use super::position::{Position, PositionIndex};
+use super::position::{Position, PositionIndex, too_deep};
 use super::raw::*;
 use super::*;
+use crate::dataplane::admission::EscapedSlashes;
 use crate::dataplane::route::{BackendId, HostMatch, Route, RouteMatcher};
 use crate::dataplane::split::{
     Condition, DEFAULT_GENERATED_COOKIE, Flag, FlagId, Rule, Side, Split, StickyKey, ValueMatch,
@@ -40,9 +41,32 @@ impl Checker<'_> {
         });
     }
 
+    /// A duration of at most [`MAX_DURATION`]; see [`Checker::duration_within`].
     fn duration(&mut self, path: &str, text: Option<&str>, default: Duration) -> Duration {
+        self.duration_within(path, text, default, MAX_DURATION)
+    }
+
+    /// A positive duration no longer than `max`, so that every deadline the proxy computes
+    /// from it (`Instant + d`) stays representable and every wait ends.
+    fn duration_within(
+        &mut self,
+        path: &str,
+        text: Option<&str>,
+        default: Duration,
+        max: Duration,
+    ) -> Duration {
         let Some(text) = text else { return default };
         match humantime::parse_duration(text.trim()) {
+            Ok(d) if d > max => {
+                self.error(
+                    path,
+                    format!(
+                        "`{text}` is too long: it must be at most {}",
+                        humantime::format_duration(max)
+                    ),
+                );
+                default
+            }
             Ok(d) if !d.is_zero() => d,
             Ok(_) => {
                 self.error(path, format!("`{text}` must be longer than zero"));
@@ -110,6 +134,12 @@ impl Checker<'_> {
     }
 }
 
+/// The longest duration any setting accepts (rollout bakes, windows).
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The longest timeout, probe interval or drain step: an hour is already far past any
+/// sensible value, and keeps each of them an operational mistake rather than a hang.
+const MAX_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Names beginning with `_` are reserved for the proxy's own metric labels (`_default`).
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -127,6 +157,9 @@ pub(super) fn validate(
     file: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, Vec<Diagnostic>> {
+    if let Some(problem) = refuse_unbounded(text, file) {
+        return Err(vec![problem]);
+    }
     let index = PositionIndex::build(text);
     if !index.duplicate_keys().is_empty() {
         return Err(index
@@ -141,6 +174,24 @@ pub(super) fn validate(
                 ),
             })
             .collect());
+    }
+    // The tree first: a syntax error is reported alone, in plain words where a rule fits.
+    let tree: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(tree) => tree,
+        Err(e) => return Err(vec![syntax_diagnostic(text, &e, file)]),
+    };
+    let unknown = super::unknown::unknown_keys::<RawConfig>(&tree);
+    if !unknown.is_empty() {
+        let mut found: Vec<Diagnostic> = unknown
+            .into_iter()
+            .map(|k| Diagnostic {
+                file: file.to_path_buf(),
+                position: index.key(&k.path).unwrap_or_else(|| index.locate(&k.path)),
+                message: k.message,
+            })
+            .collect();
+        found.sort_by_key(|d| (d.position.line, d.position.col));
+        return Err(found);
     }
     let raw: RawConfig = match serde_yaml::from_str(text) {
         Ok(raw) => raw,
@@ -160,6 +211,43 @@ pub(super) fn validate(
             .sort_by_key(|d| (d.position.line, d.position.col));
         Err(c.problems)
     }
+}
+
+fn syntax_diagnostic(text: &str, e: &serde_yaml::Error, file: &Path) -> Diagnostic {
+    let d = serde_diagnostic(e, file);
+    match super::syntax::explain(text, d.position, &d.message) {
+        Some((position, message)) => Diagnostic {
+            file: file.to_path_buf(),
+            position,
+            message,
+        },
+        None => d,
+    }
+}
+
+/// The largest config file read, in bytes: 20,000 routes fit in a few MiB.
+pub(crate) const MAX_CONFIG_BYTES: usize = 16 * 1024 * 1024;
+/// The deepest nesting of mappings and sequences a config may have; switchyard's own
+/// schema needs fewer than 10 levels.
+const MAX_NESTING: usize = 64;
+
+/// Size and depth are checked before anything whose cost grows with them runs.
+fn refuse_unbounded(text: &str, file: &Path) -> Option<Diagnostic> {
+    if text.len() > MAX_CONFIG_BYTES {
+        return Some(Diagnostic {
+            file: file.to_path_buf(),
+            position: Position { line: 1, col: 1 },
+            message: format!(
+                "the file is {} bytes; a config may be at most {MAX_CONFIG_BYTES}",
+                text.len()
+            ),
+        });
+    }
+    too_deep(text, MAX_NESTING).map(|position| Diagnostic {
+        file: file.to_path_buf(),
+        position,
+        message: format!("nested more than {MAX_NESTING} levels deep; a config needs far fewer"),
+    })
 }
 
 fn serde_diagnostic(e: &serde_yaml::Error, file: &Path) -> Diagnostic {
@@ -191,6 +279,17 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         .socket_addr("listen.http", &raw.listen.http)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
     let https = raw.listen.https.as_ref().and_then(|h| https(c, h, listen));
+    let escaped_slashes = match raw.listen.escaped_slashes.as_deref() {
+        None | Some("reject") => EscapedSlashes::Reject,
+        Some("keep") => EscapedSlashes::Keep,
+        Some(other) => {
+            c.error(
+                "listen.escaped_slashes",
+                format!("`{other}` is not a choice; write `reject` or `keep`"),
+            );
+            EscapedSlashes::Reject
+        }
+    };
     let admin_listen = match &raw.admin {
         Some(a) => c.socket_addr("admin.listen", &a.listen),
         None => None,
@@ -201,6 +300,15 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
         .as_ref()
         .and_then(|a| a.tokens_file.as_deref())
         .map(|f| c.file.parent().unwrap_or(Path::new(".")).join(f));
+    // `serve` reads it at start; `check` must refuse what `serve` would.
+    if let Some(path) = &admin_tokens_file {
+        let read = super::files::read_bounded_text(path, super::files::MAX_SMALL_FILE_BYTES)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))
+            .and_then(|text| super::files::parse_tokens(&text));
+        if let Err(problem) = read {
+            c.error("admin.tokens_file", problem);
+        }
+    }
     let state_url = match &raw.state {
         Some(s) => c.expand("state.url", &s.url),
         None => "sqlite://switchyard-state.db".to_string(),
@@ -218,30 +326,35 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     let defaults = Timeouts::default();
     let t = raw.timeouts.as_ref();
     let timeouts = Timeouts {
-        connect: c.duration(
+        connect: c.duration_within(
             "timeouts.connect",
             t.and_then(|t| t.connect.as_deref()),
             defaults.connect,
+            MAX_TIMEOUT,
         ),
-        header_read: c.duration(
+        header_read: c.duration_within(
             "timeouts.header_read",
             t.and_then(|t| t.header_read.as_deref()),
             defaults.header_read,
+            MAX_TIMEOUT,
         ),
-        request: c.duration(
+        request: c.duration_within(
             "timeouts.request",
             t.and_then(|t| t.request.as_deref()),
             defaults.request,
+            MAX_TIMEOUT,
         ),
-        idle: c.duration(
+        idle: c.duration_within(
             "timeouts.idle",
             t.and_then(|t| t.idle.as_deref()),
             defaults.idle,
+            MAX_TIMEOUT,
         ),
-        keepalive: c.duration(
+        keepalive: c.duration_within(
             "timeouts.keepalive",
             t.and_then(|t| t.keepalive.as_deref()),
             defaults.keepalive,
+            MAX_TIMEOUT,
         ),
     };
     let mut limits = Limits::default();
@@ -278,12 +391,13 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     }
     let drain_delay = match raw.drain_delay.as_deref() {
         Some("0") | Some("0s") => Duration::ZERO,
-        other => c.duration("drain_delay", other, Duration::ZERO),
+        other => c.duration_within("drain_delay", other, Duration::ZERO, MAX_TIMEOUT),
     };
-    let shutdown_timeout = c.duration(
+    let shutdown_timeout = c.duration_within(
         "shutdown_timeout",
         raw.shutdown_timeout.as_deref(),
         Duration::from_secs(30),
+        MAX_TIMEOUT,
     );
 
     let (backends, backend_ids) = backends(c, &raw);
@@ -329,6 +443,8 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     }
 
     let mut routes = Vec::new();
+    let access_log = raw.access_log.as_ref().map(|a| access_log(c, a));
+    let default_sample = access_log.as_ref().map_or(0.0, |a| a.sample);
     let mut policies = Vec::new();
     let mut seen_routes: HashMap<&str, Position> = HashMap::new();
     for (i, rr) in raw.routes.iter().enumerate() {
@@ -367,7 +483,7 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
             sticky,
             rolled_back: false,
         });
-        policies.push(policy(c, &path, rr));
+        policies.push(policy(c, &path, rr, default_sample));
     }
     // Two routes with an identical match would make the second unreachable.
     for (i, a) in routes.iter().enumerate() {
@@ -382,8 +498,11 @@ fn build(c: &mut Checker<'_>, raw: RawConfig) -> Config {
     let (sync, consistency) = sync_and_consistency(c, &raw);
 
     Config {
+        access_log,
+        tracing: raw.tracing.as_ref().map(|t| tracing_spec(c, t)),
         listen,
         https,
+        escaped_slashes,
         admin_listen,
         admin_tokens_file,
         state_url,
@@ -523,15 +642,17 @@ fn backends<'r>(
             };
             HealthProbe {
                 path: h.path.clone(),
-                interval: c.duration(
+                interval: c.duration_within(
                     &format!("{path}.health.interval"),
                     h.interval.as_deref(),
                     Duration::from_secs(2),
+                    MAX_TIMEOUT,
                 ),
-                timeout: c.duration(
+                timeout: c.duration_within(
                     &format!("{path}.health.timeout"),
                     h.timeout.as_deref(),
                     Duration::from_secs(1),
+                    MAX_TIMEOUT,
                 ),
                 healthy_threshold: threshold(c, "healthy_threshold", h.healthy_threshold, 2),
                 unhealthy_threshold: threshold(c, "unhealthy_threshold", h.unhealthy_threshold, 3),
@@ -667,6 +788,27 @@ fn endpoint(c: &mut Checker<'_>, path: &str, text: &str) -> Option<Endpoint> {
         );
         return None;
     }
+    // Credentials in a URL end up in logs and error text; a backend that needs them gets
+    // a header (RFC 3986 §3.2.1 deprecates `user:password@`).
+    if authority.as_str().contains('@') {
+        c.error(
+            path,
+            format!("`{text}`: an endpoint must not carry credentials (`user@`)"),
+        );
+        return None;
+    }
+    // `http` parses `:99999` and then reports no port at all, which would connect to 80.
+    let after_host = authority
+        .as_str()
+        .rsplit_once(']')
+        .map_or(authority.as_str(), |(_, rest)| rest);
+    if after_host.contains(':') && authority.port_u16().is_none_or(|p| p == 0) {
+        c.error(
+            path,
+            format!("`{text}`: the port must be a number from 1 to 65535"),
+        );
+        return None;
+    }
     Some(Endpoint {
         scheme: scheme.clone(),
         authority: authority.clone(),
@@ -689,7 +831,34 @@ fn route_match(c: &mut Checker<'_>, path: &str, raw: &RawRouteMatch) -> RouteMat
         }
     });
     let path_prefix = match &raw.path_prefix {
-        Some(p) if p.starts_with('/') => p.clone(),
+        Some(p)
+            if p.split('/').filter(|s| !s.is_empty()).count()
+                > crate::dataplane::route::MAX_PREFIX_SEGMENTS =>
+        {
+            c.error(
+                &format!("{path}.path_prefix"),
+                format!(
+                    "the prefix has more than {} segments",
+                    crate::dataplane::route::MAX_PREFIX_SEGMENTS
+                ),
+            );
+            "/".to_string()
+        }
+        Some(p) if p.starts_with('/') => {
+            // Requests are matched on their normalised path; a prefix must be normal too.
+            match crate::dataplane::admission::normalize_path(p, EscapedSlashes::Keep) {
+                Ok(normal) if normal == p.as_str() => {}
+                Ok(normal) => c.error(
+                    &format!("{path}.path_prefix"),
+                    format!("requests are matched on their normalised path, so `{p}` never matches; write `{normal}`"),
+                ),
+                Err(refusal) => c.error(
+                    &format!("{path}.path_prefix"),
+                    format!("`{p}`: {}", refusal.message),
+                ),
+            }
+            p.clone()
+        }
         Some(p) => {
             c.error(
                 &format!("{path}.path_prefix"),
@@ -711,7 +880,10 @@ fn route_match(c: &mut Checker<'_>, path: &str, raw: &RawRouteMatch) -> RouteMat
         .enumerate()
         .filter_map(|(i, h)| {
             let p = format!("{path}.headers[{i}]");
-            Some((header_name(c, &p, &h.name)?, value_match(c, &p, h)))
+            let name = header_name(c, &p, &h.name)?;
+            let want = value_match(c, &p, h);
+            carriable(c, &p, &want, "a header", b"");
+            Some((name, want))
         })
         .collect();
     RouteMatcher {
@@ -786,21 +958,48 @@ fn value_match(c: &mut Checker<'_>, path: &str, raw: &RawValueMatch) -> ValueMat
     }
 }
 
+/// Refuses a rule value no request could carry, so it could never match: header values
+/// lose surrounding whitespace and hold no control characters (RFC 9110 §5.5); cookie
+/// values also hold no `;`, `,` or `"` (RFC 6265 §4.1.1). Query values are compared
+/// decoded, so any text can be carried there.
+fn carriable(c: &mut Checker<'_>, path: &str, want: &ValueMatch, what: &str, also: &[u8]) {
+    let values: &[String] = match want {
+        ValueMatch::Exact(v) => std::slice::from_ref(v),
+        ValueMatch::AnyOf(vs) => vs,
+        ValueMatch::Present => &[],
+    };
+    for v in values {
+        let bytes = v.as_bytes();
+        let bad = bytes.first().is_some_and(|b| b" \t".contains(b))
+            || bytes.last().is_some_and(|b| b" \t".contains(b))
+            || bytes
+                .iter()
+                .any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f || also.contains(&b));
+        if bad {
+            c.error(
+                path,
+                format!(
+                    "no request can carry `{}` in {what}, so this rule would never match",
+                    v.escape_debug()
+                ),
+            );
+        }
+    }
+}
+
 fn rule(c: &mut Checker<'_>, path: &str, raw: &RawRule) -> Rule {
     let mut conditions = Vec::new();
     if let Some(h) = &raw.header
         && let Some(name) = header_name(c, &format!("{path}.header"), &h.name)
     {
-        conditions.push(Condition::Header(
-            name,
-            value_match(c, &format!("{path}.header"), h),
-        ));
+        let want = value_match(c, &format!("{path}.header"), h);
+        carriable(c, &format!("{path}.header"), &want, "a header", b"");
+        conditions.push(Condition::Header(name, want));
     }
     if let Some(k) = &raw.cookie {
-        conditions.push(Condition::Cookie(
-            k.name.clone(),
-            value_match(c, &format!("{path}.cookie"), k),
-        ));
+        let want = value_match(c, &format!("{path}.cookie"), k);
+        carriable(c, &format!("{path}.cookie"), &want, "a cookie", b";,\"");
+        conditions.push(Condition::Cookie(k.name.clone(), want));
     }
     if let Some(q) = &raw.query {
         conditions.push(Condition::Query(
@@ -976,7 +1175,7 @@ fn sticky(c: &mut Checker<'_>, path: &str, raw: &RawSticky) -> Option<StickyKey>
     parsed
 }
 
-fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
+fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute, default_sample: f64) -> RoutePolicy {
     let rollback = rr.rollback.as_ref().map(|r| {
         let p = format!("{path}.rollback");
         RollbackSpec {
@@ -1021,7 +1220,8 @@ fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
             budget: c
                 .ratio(&format!("{p}.budget"), f.budget, 0.0, 1.0)
                 .unwrap_or(0.2),
-            on_5xx: f.on_5xx.unwrap_or(false),
+            // In a migration legacy's answer is the known good one (contract §10).
+            on_5xx: f.on_5xx.unwrap_or(true),
             max_replay_bytes: f.max_replay_bytes.unwrap_or(64 * 1024),
         }
     });
@@ -1092,6 +1292,94 @@ fn policy(c: &mut Checker<'_>, path: &str, rr: &RawRoute) -> RoutePolicy {
         rollback,
         failover,
         rollout,
+        access_sample: rr.access_log.as_ref().map_or(default_sample, |a| {
+            c.ratio(
+                &format!("{path}.access_log.sample"),
+                Some(a.sample),
+                0.0,
+                1.0,
+            )
+            .unwrap_or(0.0)
+        }),
+    }
+}
+
+/// `access_log:` at the top level. Default: JSON on stdout, every request.
+fn access_log(c: &mut Checker<'_>, raw: &RawAccessLog) -> AccessLogSpec {
+    let format = match raw.format.as_deref() {
+        None | Some("json") => AccessLogFormat::Json,
+        Some("text") => AccessLogFormat::Text,
+        Some(other) => {
+            c.error(
+                "access_log.format",
+                format!("`{other}` is not an access log format; write `json` or `text`"),
+            );
+            AccessLogFormat::Json
+        }
+    };
+    let path = match raw.path.as_deref() {
+        None | Some("stdout") => AccessLogPath::Stdout,
+        Some("") => {
+            c.error("access_log.path", "write `stdout` or a file path");
+            AccessLogPath::Stdout
+        }
+        Some(file) => {
+            let path = c.file.parent().unwrap_or(Path::new(".")).join(file);
+            if !path
+                .parent()
+                .is_some_and(|d| d.as_os_str().is_empty() || d.is_dir())
+            {
+                c.error(
+                    "access_log.path",
+                    format!("the directory of `{file}` does not exist"),
+                );
+            }
+            AccessLogPath::File(path)
+        }
+    };
+    let sample = c
+        .ratio("access_log.sample", raw.sample, 0.0, 1.0)
+        .unwrap_or(1.0);
+    let queue = match raw.queue {
+        None => DEFAULT_ACCESS_LOG_QUEUE,
+        Some(n @ 1..=1_048_576) => n as usize,
+        Some(n) => {
+            c.error(
+                "access_log.queue",
+                format!("{n} is out of range: it must be between 1 and 1048576 lines"),
+            );
+            DEFAULT_ACCESS_LOG_QUEUE
+        }
+    };
+    AccessLogSpec {
+        format,
+        path,
+        sample,
+        queue,
+    }
+}
+
+/// Lines the access log holds for a writer that fell behind: about 4 MB of JSON lines.
+const DEFAULT_ACCESS_LOG_QUEUE: usize = 8192;
+
+/// `tracing:`: an `http://` or `https://` OTLP endpoint and a ratio (default 1).
+fn tracing_spec(c: &mut Checker<'_>, raw: &RawTracing) -> TracingSpec {
+    let endpoint = c.expand("tracing.otlp_endpoint", &raw.otlp_endpoint);
+    if endpoint.parse::<http::Uri>().ok().is_none_or(|u| {
+        !matches!(u.scheme_str(), Some("http" | "https")) || u.authority().is_none()
+    }) {
+        c.error(
+            "tracing.otlp_endpoint",
+            format!(
+                "`{endpoint}` is not an OTLP/HTTP endpoint; write e.g. `http://collector:4318`"
+            ),
+        );
+    }
+    TracingSpec {
+        otlp_endpoint: endpoint.trim_end_matches('/').to_string(),
+        sample_ratio: c
+            .ratio("tracing.sample_ratio", raw.sample_ratio, 0.0, 1.0)
+            .unwrap_or(1.0),
     }
 }
 
@@ -1194,6 +1482,7 @@ fn sync_and_consistency(
             bidirectional,
             conflict,
             routes,
+            accept_looser_collation: s.accept_looser_collation,
         });
     }
     let mut consistency = Vec::new();

@@ -15,7 +15,9 @@ use crate::sync::canon::{Kind, Purpose};
 use crate::sync::engine::Engine;
 use crate::sync::plan::{Plan, Side};
 
-use super::{ConsistencyError, NULL_MARK, SEP, query_err, row_hash};
+use crate::sync::canon::encode_row_sql;
+
+use super::{ConsistencyError, query_err, row_hash};
 
 type Values = Vec<Option<String>>;
 
@@ -56,35 +58,15 @@ enum Summer<'a> {
     Memory(Vec<(i64, Values)>),
 }
 
-fn hash_sql(e: Engine, text: &str) -> String {
+/// The 60-bit row hash of `row_hash`, in SQL: the first 15 hex digits of SHA-256 of the row
+/// encoding (60 bits stay non-negative in a signed 64-bit integer on every engine).
+fn hash_sql(e: Engine, exprs: &[String]) -> String {
+    let text = encode_row_sql(e, exprs);
     match e {
         Engine::Postgres => format!(
-            "('x' || substr(encode(sha256(convert_to({text}, 'UTF8')), 'hex'), 1, 8))::bit(32)::bigint"
+            "('x' || substr(encode(sha256(convert_to({text}, 'UTF8')), 'hex'), 1, 15))::bit(60)::bigint"
         ),
-        _ => format!("CAST(CONV(SUBSTR(SHA2({text}, 256), 1, 8), 16, 10) AS UNSIGNED)"),
-    }
-}
-
-fn joined_sql(e: Engine, exprs: &[String]) -> String {
-    match e {
-        Engine::Postgres => format!(
-            "concat_ws(chr({}), {})",
-            SEP as u32,
-            exprs
-                .iter()
-                .map(|x| format!("coalesce({x}, chr({}))", NULL_MARK as u32))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        _ => format!(
-            "CONCAT_WS(CHAR({} USING utf8mb4), {})",
-            SEP as u32,
-            exprs
-                .iter()
-                .map(|x| format!("COALESCE({x}, CHAR({} USING utf8mb4))", NULL_MARK as u32))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        _ => format!("CAST(CONV(SUBSTR(SHA2({text}, 256), 1, 15), 16, 10) AS UNSIGNED)"),
     }
 }
 
@@ -104,8 +86,8 @@ fn position_sql(plan: &Plan, side: &Side, part: Partition) -> String {
     match part {
         Partition::IntKey => side.db.q(&side.cols[0].name),
         Partition::KeyHash => {
-            let keys = &column_exprs(plan, side, Purpose::Copy)[..plan.key_len];
-            hash_sql(side.engine(), &joined_sql(side.engine(), keys))
+            let keys = &column_exprs(plan, side, Purpose::Compare)[..plan.key_len];
+            hash_sql(side.engine(), keys)
         }
     }
 }
@@ -188,10 +170,7 @@ impl Summer<'_> {
             }
             Summer::Sql(side) => {
                 let e = side.engine();
-                let h = hash_sql(
-                    e,
-                    &joined_sql(e, &column_exprs(plan, side, Purpose::Compare)),
-                );
+                let h = hash_sql(e, &column_exprs(plan, side, Purpose::Compare));
                 let pos = position_sql(plan, side, part);
                 let r = sqlx::query(AssertSqlSafe(format!(
                     "SELECT COUNT(*), CAST(COALESCE(SUM({h}), 0) AS {t}) FROM {} WHERE {pos} BETWEEN {lo} AND {hi}",
@@ -356,39 +335,6 @@ fn diff(
             report.extra_in_target.push(k.clone());
         }
     }
-}
-
-/// Re-queues keys through the sync worker: they are written into the source's change table
-/// as if they had just changed, and the worker copies their source state (or deletes them).
-pub async fn requeue(plan: &Plan, keys: &[Vec<String>]) -> Result<usize, ConsistencyError> {
-    let e = plan.source.engine();
-    let ks: Vec<String> = (1..=plan.key_len).map(|i| format!("k{i}")).collect();
-    for chunk in keys.chunks(500) {
-        let mut p = 0;
-        let tuples: Vec<String> = chunk
-            .iter()
-            .map(|_| {
-                let v: Vec<String> = (0..plan.key_len)
-                    .map(|_| {
-                        p += 1;
-                        e.param(p)
-                    })
-                    .collect();
-                format!("({}, {})", v.join(", "), e.now_micros_sql())
-            })
-            .collect();
-        let sql = format!(
-            "INSERT INTO {} ({}, changed_at) VALUES {}",
-            plan.change_table(),
-            ks.join(", "),
-            tuples.join(", ")
-        );
-        let q = crate::sync::apply::with_keys(&sql, chunk.iter().map(|k| k.as_slice()));
-        q.execute(&plan.source.db.pool)
-            .await
-            .map_err(query_err("re-queueing keys into the change table"))?;
-    }
-    Ok(keys.len())
 }
 
 #[cfg(test)]

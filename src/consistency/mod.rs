@@ -55,26 +55,11 @@ pub fn enough_to_judge(samples: u64, limit: f64) -> bool {
     samples as f64 >= (z2 * limit / (1.0 - limit)).ceil()
 }
 
-/// Separator and NULL marker of a row's checksum text: control characters that canonical
-/// values do not contain in practice, the same in SQL and in Rust.
-pub const SEP: char = '\u{1f}';
-pub const NULL_MARK: char = '\u{1e}';
-
-/// The 32-bit checksum of one row's canonical values: the first 4 bytes of SHA-256 over the
-/// values joined by SEP, NULL written as NULL_MARK. SQL computes the same per engine.
+/// The 60-bit checksum of one row's canonical values: the first 60 bits of SHA-256 over the
+/// row's injective encoding (`sync::canon::encode_row`). SQL computes the same per engine.
 pub fn row_hash(values: &[Option<String>]) -> i64 {
-    let mut text = String::new();
-    for (i, v) in values.iter().enumerate() {
-        if i > 0 {
-            text.push(SEP);
-        }
-        match v {
-            Some(v) => text.push_str(v),
-            None => text.push(NULL_MARK),
-        }
-    }
-    let d = Sha256::digest(text.as_bytes());
-    u32::from_be_bytes([d[0], d[1], d[2], d[3]]) as i64
+    let d = Sha256::digest(crate::sync::canon::encode_row(values));
+    (u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]) >> 4) as i64
 }
 
 /// Starts one sampler per `consistency:` entry.
@@ -113,7 +98,7 @@ pub async fn check_command(
         let mut keys: Vec<Vec<String>> = report.missing_in_target.clone();
         keys.extend(report.extra_in_target.iter().cloned());
         keys.extend(report.different.iter().map(|d| d.key.clone()));
-        report.requeued = Some(check::requeue(&plan, &keys).await?);
+        report.requeued = Some(crate::sync::apply::requeue(&plan, &keys).await?);
     }
     if json {
         println!(
@@ -184,7 +169,7 @@ mod tests {
             row_hash(&[Some("1".into()), None]),
             row_hash(&[Some("1".into()), Some(String::new())])
         );
-        // The first 4 bytes of sha256("1\x1fx"), computed independently.
-        assert_eq!(format!("{a:08x}").len(), 8);
+        // sha256("1:11:x") = 568ae206bb8f84df…, computed independently (sha256sum).
+        assert_eq!(format!("{a:015x}"), "568ae206bb8f84d");
     }
 }

@@ -115,8 +115,7 @@ impl Sampler {
                 let p = self.rechecks.pop_front().unwrap_or_else(|| unreachable!());
                 self.compare(&plan, vec![p.key], p.tries).await?;
             }
-            let mut seen = HashSet::new();
-            keys.retain(|k| seen.insert(k.clone()));
+            // Drawn with replacement: a key drawn twice is two draws, each with its outcome.
             self.compare(&plan, keys, 0).await?;
             self.publish();
             tokio::time::sleep(TICK).await;
@@ -331,8 +330,18 @@ impl Bounds {
     }
 }
 
-/// `n` keys of `side` at random: a seek to a random point for integer keys, a random offset
-/// otherwise.
+/// Below this share of occupied key values, a rejection draw wastes too many candidates and
+/// draws by offset instead.
+const MIN_DENSITY: f64 = 0.02;
+
+/// `n` keys of `side`, each drawn uniformly over the side's rows (so the share of differing
+/// draws estimates the share of differing rows, whatever the key distribution).
+///
+/// Integer keys: rejection sampling. Candidates are drawn uniformly from [min, max] and kept
+/// when a row has exactly that key, so every row is equally likely however the keys are
+/// spread (a seek to the next key after a random point is not: a key after a gap would be
+/// drawn in proportion to the gap). Other keys, and integer keys too sparse for rejection:
+/// a uniformly random offset in key order.
 async fn draw(
     plan: &Plan,
     side: &Side,
@@ -342,50 +351,104 @@ async fn draw(
     if n == 0 || b.count == 0 {
         return Ok(vec![]);
     }
-    let keys = plan.key_exprs(side, "").join(", ");
-    let order: Vec<String> = side.cols[..plan.key_len]
+    if let Some((lo, hi)) = b.range {
+        let width = (hi as i128 - lo as i128 + 1) as f64;
+        let density = b.count as f64 / width;
+        if density >= MIN_DENSITY {
+            return draw_by_rejection(plan, side, (lo, hi), density, n).await;
+        }
+    }
+    draw_by_offset(plan, side, b.count, n).await
+}
+
+fn read_key(plan: &Plan, r: &sqlx::any::AnyRow) -> Key {
+    (0..plan.key_len)
+        .map(|i| {
+            r.try_get::<Option<String>, _>(i)
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+async fn draw_by_rejection(
+    plan: &Plan,
+    side: &Side,
+    (lo, hi): (i64, i64),
+    density: f64,
+    n: usize,
+) -> Result<Vec<Key>, ConsistencyError> {
+    let keys = plan.key_exprs(side, "sy_t.").join(", ");
+    let col = side.db.q(&side.cols[0].name);
+    let mut out = Vec::with_capacity(n);
+    // A few rounds at most: each round expects 1.5 × the hits still needed.
+    for _ in 0..8 {
+        let need = n - out.len();
+        let m = ((need as f64 / density.min(1.0)) * 1.5).ceil() as usize + 4;
+        let candidates: Vec<i64> = {
+            let mut rng = rand::rng();
+            (0..m).map(|_| rng.random_range(lo..=hi)).collect()
+        };
+        let list = candidates
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {keys}, sy_t.{col} FROM {} sy_t WHERE sy_t.{col} IN ({list})",
+            side.qtable()
+        )))
+        .fetch_all(&side.db.pool)
+        .await
+        .map_err(query_err(format!("drawing keys of `{}`", side.table)))?;
+        let mut hit: std::collections::HashMap<i64, Key> = std::collections::HashMap::new();
+        for r in &rows {
+            let k = read_key(plan, r);
+            if let Some(v) = k.first().and_then(|v| v.parse::<i64>().ok()) {
+                hit.insert(v, k);
+            }
+        }
+        // Hits in the order their candidates were drawn: each is one uniform draw.
+        for c in &candidates {
+            if out.len() == n {
+                break;
+            }
+            if let Some(k) = hit.get(c) {
+                out.push(k.clone());
+            }
+        }
+        if out.len() == n {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+async fn draw_by_offset(
+    plan: &Plan,
+    side: &Side,
+    count: i64,
+    n: usize,
+) -> Result<Vec<Key>, ConsistencyError> {
+    let keys = plan.key_exprs(side, "sy_t.").join(", ");
+    let order = side.cols[..plan.key_len]
         .iter()
-        .map(|c| side.db.q(&c.name))
-        .collect();
+        .map(|c| format!("sy_t.{}", side.db.q(&c.name)))
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let sql = match b.range {
-            Some((lo, hi)) => {
-                let at = rand::rng().random_range(lo..=hi);
-                format!(
-                    "SELECT {keys} FROM {} sy_t WHERE sy_t.{} >= {at} ORDER BY sy_t.{} LIMIT 1",
-                    side.qtable(),
-                    order[0],
-                    order[0]
-                )
-            }
-            None => {
-                let at = rand::rng().random_range(0..b.count);
-                format!(
-                    "SELECT {keys} FROM {} sy_t ORDER BY {} LIMIT 1 OFFSET {at}",
-                    side.qtable(),
-                    order
-                        .iter()
-                        .map(|o| format!("sy_t.{o}"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                )
-            }
-        };
-        let row = sqlx::query(AssertSqlSafe(sql))
-            .fetch_optional(&side.db.pool)
-            .await
-            .map_err(query_err(format!("drawing keys of `{}`", side.table)))?;
+        let at = rand::rng().random_range(0..count);
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {keys} FROM {} sy_t ORDER BY {order} LIMIT 1 OFFSET {at}",
+            side.qtable()
+        )))
+        .fetch_optional(&side.db.pool)
+        .await
+        .map_err(query_err(format!("drawing keys of `{}`", side.table)))?;
         if let Some(r) = row {
-            let k: Key = (0..plan.key_len)
-                .map(|i| {
-                    r.try_get::<Option<String>, _>(i)
-                        .ok()
-                        .flatten()
-                        .unwrap_or_default()
-                })
-                .collect();
-            out.push(k);
+            out.push(read_key(plan, &r));
         }
     }
     Ok(out)

@@ -69,18 +69,14 @@ pub async fn serve(
         .await
 }
 
-/// Prometheus metrics (contract §7), OpenMetrics text. Needs no token.
+/// Prometheus metrics (contract §7): OpenMetrics text, or the classic text format when
+/// `Accept` asks for it. Needs no token.
 #[utoipa::path(get, path = "/metrics", tag = "meta", security(()),
-    responses((status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String)))]
-async fn metrics_text(State(state): State<AdminState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        state.metrics.encode(),
-    )
-        .into_response()
+    responses((status = 200, description = "OpenMetrics or Prometheus text", content_type = "text/plain", body = String)))]
+async fn metrics_text(State(state): State<AdminState>, headers: header::HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = state.metrics.exposition(accept);
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
 }
 
 /// Liveness. Needs no token.

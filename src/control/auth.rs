@@ -39,28 +39,21 @@ impl Tokens {
             entries.push((ENV_TOKEN_NAME.to_string(), sha256(token)));
         }
         if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| AuthError::Read {
+            let text = crate::config::files::read_bounded_text(
+                path,
+                crate::config::files::MAX_SMALL_FILE_BYTES,
+            )
+            .map_err(|source| AuthError::Read {
                 path: path.to_path_buf(),
                 source,
             })?;
-            let invalid = |message: String| AuthError::Invalid {
-                path: path.to_path_buf(),
-                message,
-            };
-            let map: std::collections::BTreeMap<String, String> = serde_yaml::from_str(&text)
-                .map_err(|e| invalid(format!("expected `name: sha256:HEX` lines: {e}")))?;
-            for (name, value) in map {
-                let hex_digest = value.strip_prefix("sha256:").ok_or_else(|| {
-                    invalid(format!(
-                        "`{name}`: the value must look like `sha256:` and 64 hex digits"
-                    ))
-                })?;
-                let mut hash = [0u8; 32];
-                hex::decode_to_slice(hex_digest, &mut hash).map_err(|_| {
-                    invalid(format!("`{name}`: `{hex_digest}` is not 64 hex digits"))
-                })?;
-                entries.push((name, hash));
-            }
+            let parsed = crate::config::files::parse_tokens(&text).map_err(|message| {
+                AuthError::Invalid {
+                    path: path.to_path_buf(),
+                    message,
+                }
+            })?;
+            entries.extend(parsed);
         }
         Ok(Tokens { entries })
     }

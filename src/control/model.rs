@@ -158,16 +158,14 @@ pub struct RolloutView {
     pub history: Vec<HistoryEntry>,
 }
 
-/// A rollout's phase and reason as a reader must see them: a route rolled back while its
+/// A rollout's phase and reason as a reader must see them (`rolled_back`: the reason of the
+/// route's rollback mark, if it has one): a route rolled back while its
 /// rollout was moving it (progressing, paused, or promoted) is `rolled_back` with the
 /// rollback's reason, even before the controller has recorded it.
-pub fn rollout_phase(
-    record: &RolloutRecord,
-    mark: Option<&RollbackMark>,
-) -> (Phase, Option<String>) {
-    match mark {
-        Some(m) if record.phase.is_running() || record.phase == Phase::Promoted => {
-            (Phase::RolledBack, Some(m.reason.clone()))
+pub fn rollout_phase(record: &RolloutRecord, rolled_back: Option<&str>) -> (Phase, Option<String>) {
+    match rolled_back {
+        Some(reason) if record.phase.is_running() || record.phase == Phase::Promoted => {
+            (Phase::RolledBack, Some(reason.to_string()))
         }
         _ => (record.phase, record.reason.clone()),
     }
@@ -245,7 +243,7 @@ pub fn route_view(config: &Config, overrides: &Overrides, name: &str) -> Option<
         }
     }
     let rollout = overrides.rollouts.get(name).map(|record| {
-        let (state, reason) = rollout_phase(record, mark);
+        let (state, reason) = rollout_phase(record, mark.map(|m| m.reason.as_str()));
         let steps = config
             .routes
             .iter()

@@ -691,7 +691,8 @@ impl ControlPlane {
             .routes
             .get(route)
             .and_then(|o| o.rollback.as_ref());
-        (record.phase, record.reason) = model::rollout_phase(&record, mark);
+        (record.phase, record.reason) =
+            model::rollout_phase(&record, mark.map(|m| m.reason.as_str()));
         let live = self.board.get(route);
         let baked = live
             .as_ref()
@@ -1143,7 +1144,7 @@ fn plan(
                         .get(route)
                         .and_then(|o| o.rollback.as_ref());
                     let judged = RolloutRecord {
-                        phase: model::rollout_phase(&record, mark).0,
+                        phase: model::rollout_phase(&record, mark.map(|m| m.reason.as_str())).0,
                         ..record.clone()
                     };
                     rollout::command(&judged, &walk, *c)?
@@ -1210,7 +1211,9 @@ fn refuse_during_rollout(desired: &Desired, route: &str) -> Result<(), ControlEr
         .routes
         .get(route)
         .and_then(|o| o.rollback.as_ref());
-    if model::rollout_phase(record, mark).0 != rollout::Phase::Progressing {
+    if model::rollout_phase(record, mark.map(|m| m.reason.as_str())).0
+        != rollout::Phase::Progressing
+    {
         return Ok(());
     }
     let steps = rollout_parts(desired, route).map_or(0, |(_, _, walk)| walk.len());

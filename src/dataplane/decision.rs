@@ -17,6 +17,9 @@ pub struct Decision {
     pub side: Side,
     /// `Set-Cookie` for a freshly minted `generated` sticky key.
     pub set_cookie: Option<HeaderValue>,
+    /// The bucket the split decided by (random for a request without a sticky key);
+    /// `None` without a route or while it is rolled back.
+    pub bucket: Option<Bucket>,
 }
 
 impl Decision {
@@ -27,6 +30,7 @@ impl Decision {
                 backend: snapshot.default_backend,
                 side: Side::Legacy,
                 set_cookie: None,
+                bucket: None,
             };
         };
         let route = snapshot.route(id);
@@ -36,6 +40,7 @@ impl Decision {
                 backend: route.legacy,
                 side: Side::Legacy,
                 set_cookie: None,
+                bucket: None,
             };
         }
         // A feature flag keeps its own users: its name and (when set) its key decide the
@@ -57,6 +62,7 @@ impl Decision {
             },
             side,
             set_cookie,
+            bucket: Some(bucket),
         }
     }
 }

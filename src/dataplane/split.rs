@@ -249,7 +249,7 @@ impl Condition {
         match self {
             Condition::Header(name, want) => header_matches(req.headers, name, want),
             Condition::Cookie(name, want) => want.holds(cookie_value(req.headers, name)),
-            Condition::Query(name, want) => want.holds(query_value(req.query, name)),
+            Condition::Query(name, want) => query_holds(req.query, name, want),
             Condition::ClientIp(nets) => nets.iter().any(|net| net.contains(&req.client_ip)),
         }
     }
@@ -373,11 +373,43 @@ pub fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a [u8]> 
     })
 }
 
-/// The raw (not percent-decoded) value of query parameter `name`.
-pub fn query_value<'a>(query: Option<&'a str>, name: &str) -> Option<&'a [u8]> {
-    query?.split('&').find_map(|pair| {
+/// Whether a query parameter named `name` has a value that `want` accepts, both compared
+/// decoded (`%40` is `@`, `+` is a space: WHATWG `application/x-www-form-urlencoded`), so a
+/// rule written `ops@example.test` holds for `?user=ops%40example.test`. No allocation.
+pub fn query_holds(query: Option<&str>, name: &str, want: &ValueMatch) -> bool {
+    let Some(query) = query else { return false };
+    query.split('&').any(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (key == name).then_some(value.as_bytes())
+        if !decoded(key.as_bytes()).eq(name.bytes()) {
+            return false;
+        }
+        match want {
+            ValueMatch::Present => true,
+            ValueMatch::Exact(w) => decoded(value.as_bytes()).eq(w.bytes()),
+            ValueMatch::AnyOf(ws) => ws.iter().any(|w| decoded(value.as_bytes()).eq(w.bytes())),
+        }
+    })
+}
+
+/// A query component's bytes, percent-escapes and `+` decoded; an invalid escape stays as
+/// written.
+fn decoded(raw: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16)).map(|d| d as u8);
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        let b = *raw.get(i)?;
+        i += 1;
+        Some(match b {
+            b'+' => b' ',
+            b'%' => match (hex(raw.get(i)), hex(raw.get(i + 1))) {
+                (Some(hi), Some(lo)) => {
+                    i += 2;
+                    hi * 16 + lo
+                }
+                _ => b'%',
+            },
+            b => b,
+        })
     })
 }
 
@@ -478,6 +510,29 @@ mod tests {
     }
 
     #[test]
+    fn query_names_and_values_are_compared_decoded() {
+        let want = ValueMatch::Exact("ops@example.test".into());
+        assert!(query_holds(Some("user=ops%40example.test"), "user", &want));
+        assert!(query_holds(Some("us%65r=ops@example.test"), "user", &want));
+        assert!(!query_holds(Some("user=ops%41example.test"), "user", &want));
+        let spaced = ValueMatch::AnyOf(vec!["a b".into()]);
+        assert!(query_holds(Some("x=1&q=a+b"), "q", &spaced));
+        assert!(query_holds(Some("q=a%20b"), "q", &spaced));
+        assert!(query_holds(Some("flag"), "flag", &ValueMatch::Present));
+        assert!(!query_holds(
+            Some("q=%zz"),
+            "q",
+            &ValueMatch::Exact("%".into())
+        ));
+        assert!(query_holds(
+            Some("q=%zz"),
+            "q",
+            &ValueMatch::Exact("%zz".into())
+        ));
+        assert!(!query_holds(None, "q", &ValueMatch::Present));
+    }
+
+    #[test]
     fn cookie_and_query_values_are_found() {
         let mut headers = HeaderMap::new();
         headers.append(
@@ -503,12 +558,13 @@ mod tests {
             Some(&b"4"[..]),
             "a name inside a value is not the name"
         );
-        assert_eq!(
-            query_value(Some("x=1&beta=on&flag"), "beta"),
-            Some(&b"on"[..])
-        );
-        assert_eq!(query_value(Some("x=1&flag"), "flag"), Some(&b""[..]));
-        assert_eq!(query_value(None, "x"), None);
+        let on = ValueMatch::Exact("on".into());
+        assert!(query_holds(Some("x=1&beta=on&flag"), "beta", &on));
+        assert!(query_holds(
+            Some("x=1&flag"),
+            "flag",
+            &ValueMatch::Exact(String::new())
+        ));
     }
 
     #[test]

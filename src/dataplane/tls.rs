@@ -23,6 +23,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 
+use crate::config::files::{MAX_SMALL_FILE_BYTES, read_bounded};
 use crate::config::{CertificateFiles, HttpsListen};
 use crate::lifecycle::Shutdown;
 use crate::telemetry::Metrics;
@@ -100,14 +101,16 @@ pub fn load_certificate(files: &CertificateFiles) -> Result<LoadedCertificate, T
 }
 
 fn read_pair(files: &CertificateFiles) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
-    let cert = std::fs::read(&files.cert).map_err(|source| TlsError::ReadCert {
-        path: files.cert.clone(),
-        source,
-    })?;
-    let key = std::fs::read(&files.key).map_err(|source| TlsError::ReadKey {
-        path: files.key.clone(),
-        source,
-    })?;
+    let cert =
+        read_bounded(&files.cert, MAX_SMALL_FILE_BYTES).map_err(|source| TlsError::ReadCert {
+            path: files.cert.clone(),
+            source,
+        })?;
+    let key =
+        read_bounded(&files.key, MAX_SMALL_FILE_BYTES).map_err(|source| TlsError::ReadKey {
+            path: files.key.clone(),
+            source,
+        })?;
     Ok((cert, key))
 }
 

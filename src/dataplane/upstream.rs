@@ -24,6 +24,7 @@ use sha2::{Digest, Sha256};
 
 use super::proxy::UpstreamBody;
 use super::tls::{PROVIDER, TlsError, load_certificate};
+use crate::config::files::{MAX_SMALL_FILE_BYTES, read_bounded};
 use crate::config::{BackendSpec, Timeouts, UpstreamProtocol, UpstreamTls};
 
 pub type UpstreamConnector = HttpsConnector<HttpConnector>;
@@ -59,10 +60,11 @@ pub enum UpstreamTlsError {
 
 /// The certificates of a `tls.ca` file, each checked to be a usable trust anchor.
 pub fn load_roots(path: &Path) -> Result<RootCertStore, UpstreamTlsError> {
-    let pem = std::fs::read(path).map_err(|source| UpstreamTlsError::ReadCa {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let pem =
+        read_bounded(path, MAX_SMALL_FILE_BYTES).map_err(|source| UpstreamTlsError::ReadCa {
+            path: path.to_path_buf(),
+            source,
+        })?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| UpstreamTlsError::BadCa {
@@ -207,7 +209,7 @@ fn digest_files(tls: &UpstreamTls) -> [u8; 32] {
             .flat_map(|pair| [&pair.cert, &pair.key]),
     );
     for file in files {
-        let bytes = std::fs::read(file).unwrap_or_default();
+        let bytes = read_bounded(file, MAX_SMALL_FILE_BYTES).unwrap_or_default();
         digest.update((bytes.len() as u64).to_le_bytes());
         digest.update(&bytes);
     }

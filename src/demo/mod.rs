@@ -64,6 +64,13 @@ pub enum DemoError {
     Admin(String),
     #[error("{0}")]
     Timeout(String),
+    #[error(
+        "--duration {} is too short for the walk: four steps of at least 2 s of bake, the time at \
+         100 % and the fault take {} at least; try --duration 30s or more",
+        humantime::format_duration(*.0),
+        humantime::format_duration(MIN_DURATION)
+    )]
+    TooShort(Duration),
 }
 
 /// Rows in the users table; each is one virtual user's.
@@ -79,12 +86,22 @@ const ROLLBACK_DEADLINE: Duration = Duration::from_secs(10);
 /// Time after the rollback, to show traffic back on legacy.
 const MIN_TAIL: Duration = Duration::from_secs(2);
 
+/// The shortest `--duration` the walk fits in: four bakes of at least 2 s each (one may
+/// restart), the time at full weight, and the fault with its tail.
+pub const MIN_DURATION: Duration = Duration::from_secs(20);
+
+/// The live rates are counted over this much of the recent past.
+const RATE_WINDOW: Duration = Duration::from_secs(1);
+
 /// `true` when the run showed what it should: promoted, rolled back (unless `--no-fault`),
 /// no lost writes.
 pub async fn run(args: DemoArgs) -> Result<bool, DemoError> {
     if args.print_config {
         print!("{}", config::yaml(&printed_layout(&args)));
         return Ok(true);
+    }
+    if args.duration < MIN_DURATION {
+        return Err(DemoError::TooShort(args.duration));
     }
     let mut terms =
         signal(SignalKind::terminate()).map_err(|e| DemoError::Io("signal handler".into(), e))?;
@@ -192,7 +209,8 @@ async fn run_in(
     );
     println!("proxy: http://{}", running.http);
     println!("admin: http://{} token: {token}", running.admin);
-    println!("status page: http://{}/ui", running.admin);
+    // The fragment never reaches the server; the page reads the token from it.
+    println!("status page: http://{}/ui#token={token}", running.admin);
 
     let driven = tokio::select! {
         r = drive(args, &admin, running.http, &legacy, &v2, &legacy_pool, &v2_pool) => r,
@@ -399,32 +417,22 @@ async fn drive(
     let mut stage = Stage::Rollout;
     // Steps are numbered from 1, as the API reads them.
     let mut step = 1usize;
-    let mut second = Period::default();
-    let mut second_started = Instant::now();
-    let mut rates = (0.0, 0.0, 0.0, None);
+    // The last second's requests, so the rates follow a rollback within one refresh.
+    let mut recent: std::collections::VecDeque<(Instant, Period)> = Default::default();
     let mut consistency = None;
     let mut lag = None;
     loop {
         let period = load.take();
-        second.absorb(&period);
         if let Some(p) = phases.last_mut() {
             p.tally.absorb(&period);
         }
-        if second_started.elapsed() >= Duration::from_secs(1) {
-            let secs = second_started.elapsed().as_secs_f64();
-            let all = second.all();
-            rates = (
-                second.side(Side::Legacy).requests as f64 / secs,
-                second.side(Side::Target).requests as f64 / secs,
-                if all.requests == 0 {
-                    0.0
-                } else {
-                    all.errors as f64 / all.requests as f64
-                },
-                all.p99(),
-            );
-            second = Period::default();
-            second_started = Instant::now();
+        let now = Instant::now();
+        recent.push_back((now, period));
+        while recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            recent.pop_front();
         }
         let r = admin.get("/v1/rollouts/users").await?;
         if let Some(s) = admin.pair("/v1/sync", "sync").await {
@@ -434,9 +442,10 @@ async fn drive(
             }
         }
         consistency = match admin.pair("/v1/consistency", "consistency").await {
-            Some(c) if c["stale"] != true => c["ratio"]
+            // The lower confidence bound: the figure the `min_consistency` gate reads.
+            Some(c) if c["stale"] != true => c["lower_bound"]
                 .as_f64()
-                .map(|ratio| (ratio, c["sampled"].as_u64().unwrap_or(0))),
+                .map(|lower| (lower, c["sampled"].as_u64().unwrap_or(0))),
             _ => consistency.filter(|_| false),
         };
         let route = admin.get("/v1/routes/users").await?;
@@ -468,7 +477,7 @@ async fn drive(
             Stage::Rollout => {
                 if now_step != step && rollout_state == "progressing" {
                     step = now_step;
-                    close(&mut phases);
+                    close_and_restart(&mut phases, &mut recent);
                     phases.push(Phase::new(format!("step {}: {}%", step, pct(&r["weight"]))));
                     view.event(&format!(
                         "[{:5.1}s] step {}/{steps}: weight {}% (every gate held for the bake)",
@@ -479,18 +488,26 @@ async fn drive(
                 }
                 if rollout_state == "promoted" {
                     findings.promoted = Some(elapsed);
-                    close(&mut phases);
+                    close_and_restart(&mut phases, &mut recent);
                     phases.push(Phase::new("promoted: 100%"));
-                    view.event(&format!(
-                        "[{:5.1}s] rollout promoted: users at 100% on users-v2",
-                        elapsed.as_secs_f64()
-                    ));
                     // The fault comes late enough to leave the sampler time at full weight,
                     // and early enough to leave a tail that shows traffic back on legacy.
-                    stage = Stage::AtFull {
-                        until: (Instant::now() + HOLD_AT_FULL)
-                            .max(deadline.checked_sub(TAIL_AFTER_FAULT).unwrap_or(deadline)),
+                    let until = (Instant::now() + HOLD_AT_FULL)
+                        .max(deadline.checked_sub(TAIL_AFTER_FAULT).unwrap_or(deadline));
+                    let next = if args.no_fault {
+                        "users-v2 keeps all of the traffic until the end (--no-fault)".to_string()
+                    } else {
+                        format!(
+                            "users-v2 serves everyone for {:.0} s, then the demo injects a fault \
+                             into it (it will answer 500) to show the rollback",
+                            until.duration_since(Instant::now()).as_secs_f64()
+                        )
                     };
+                    view.event(&format!(
+                        "[{:5.1}s] rollout promoted: users at 100% on users-v2; {next}",
+                        elapsed.as_secs_f64()
+                    ));
+                    stage = Stage::AtFull { until };
                 } else if rollout_state != "progressing" {
                     let why = format!(
                         "rollout ended {rollout_state} ({})",
@@ -523,7 +540,7 @@ async fn drive(
                         findings.consistency_before_fault = consistency;
                         v2.fault.store(true, Ordering::SeqCst);
                         let onset = Instant::now();
-                        close(&mut phases);
+                        close_and_restart(&mut phases, &mut recent);
                         phases.push(Phase::new("fault → rollback"));
                         view.event(&format!(
                             "[{:5.1}s] fault injected: users-v2 now answers 500",
@@ -550,7 +567,7 @@ async fn drive(
                     let mark = route["rollback"]["reason"].as_str().unwrap_or("?");
                     let (reason, detail) = mark.split_once(": ").unwrap_or((mark, ""));
                     let reason = reason.to_string();
-                    close(&mut phases);
+                    close_and_restart(&mut phases, &mut recent);
                     phases.push(Phase::new("rolled back: 0%"));
                     view.event(&format!(
                         "[{:5.1}s] rollback: reason {reason} after {:.3} s from the fault's onset ({detail})",
@@ -572,6 +589,27 @@ async fn drive(
                 }
             }
         }
+        let rates = {
+            let mut window = Period::default();
+            for (_, p) in &recent {
+                window.absorb(p);
+            }
+            let secs = recent
+                .front()
+                .map_or(0.0, |(t, _)| now.duration_since(*t).as_secs_f64())
+                .max(0.2);
+            let all = window.all();
+            (
+                window.side(Side::Legacy).requests as f64 / secs,
+                window.side(Side::Target).requests as f64 / secs,
+                if all.requests == 0 {
+                    0.0
+                } else {
+                    all.errors as f64 / all.requests as f64
+                },
+                all.p99(),
+            )
+        };
         view.status(&Status {
             elapsed,
             state,
@@ -582,7 +620,20 @@ async fn drive(
             } else {
                 r["weight"].as_f64().unwrap_or(0.0)
             },
-            bake_left: r["bake_left_s"].as_f64().unwrap_or(0.0),
+            next: match stage {
+                Stage::Rollout => format!(
+                    "bake left {:.1} s",
+                    r["bake_left_s"].as_f64().unwrap_or(0.0)
+                ),
+                Stage::AtFull { until } if !args.no_fault => format!(
+                    "fault in {:.1} s",
+                    until
+                        .saturating_duration_since(Instant::now())
+                        .as_secs_f64()
+                ),
+                Stage::Fault { .. } => "fault injected, waiting for the rollback".into(),
+                _ => "–".into(),
+            },
             legacy_rps: rates.0,
             target_rps: rates.1,
             error_rate: rates.2,
@@ -674,6 +725,16 @@ async fn drive(
 /// A number as people write it: `25`, `2.5`.
 fn pct(w: &Value) -> String {
     w.as_f64().map_or_else(|| w.to_string(), |w| format!("{w}"))
+}
+
+fn close_and_restart(
+    phases: &mut [Phase],
+    recent: &mut std::collections::VecDeque<(Instant, Period)>,
+) {
+    close(phases);
+    // The rates start over with the phase: the line after a step or a rollback shows only
+    // what the new weight served.
+    recent.clear();
 }
 
 fn close(phases: &mut [Phase]) {

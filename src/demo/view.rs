@@ -13,13 +13,15 @@ pub struct Status {
     pub step: usize,
     pub steps: usize,
     pub weight: f64,
-    pub bake_left: f64,
+    /// What happens next, in words: `bake left 4.2 s`, `fault in 12.0 s`.
+    pub next: String,
     pub legacy_rps: f64,
     pub target_rps: f64,
     pub error_rate: f64,
     pub p99: Option<Duration>,
     pub sync_lag: Option<f64>,
-    /// `(ratio, sampled)` when the sampler reports the pair.
+    /// `(lower confidence bound, sampled)` when the sampler reports the pair: the figure the
+    /// `min_consistency` gate reads.
     pub consistency: Option<(f64, u64)>,
     /// Gates that do not hold, with their reasons.
     pub holding: Vec<String>,
@@ -42,7 +44,7 @@ pub fn ms(d: Option<Duration>) -> String {
 pub fn consistency_text(c: Option<(f64, u64)>) -> String {
     c.map_or_else(
         || "–".into(),
-        |(ratio, sampled)| format!("{ratio:.4} ({sampled} sampled)"),
+        |(lower, sampled)| format!("≥ {lower:.4} ({sampled} sampled)"),
     )
 }
 
@@ -86,12 +88,12 @@ impl View {
             self.clear(&mut out);
             let lines = [
                 format!(
-                    "  users  {}  step {}/{}  weight {}%  bake left {:.1}s   [{:.0}s]",
+                    "  users  {}  step {}/{}  weight {}%  {}   [{:.0}s]",
                     s.state,
                     s.step.min(s.steps),
                     s.steps,
                     s.weight,
-                    s.bake_left,
+                    s.next,
                     s.elapsed.as_secs_f64()
                 ),
                 format!(
@@ -123,12 +125,13 @@ impl View {
             self.last_line = Some(Instant::now());
             let _ = writeln!(
                 out,
-                "[{:5.1}s] {} step {}/{} weight {}% | req/s legacy {:.0} target {:.0} | errors {:.2}% p99 {} | sync lag {lag} | consistency {} | holding: {holding}",
+                "[{:5.1}s] {} step {}/{} weight {}% {} | req/s legacy {:.0} target {:.0} | errors {:.2}% p99 {} | sync lag {lag} | consistency {} | holding: {holding}",
                 s.elapsed.as_secs_f64(),
                 s.state,
                 s.step.min(s.steps),
                 s.steps,
                 s.weight,
+                s.next,
                 s.legacy_rps,
                 s.target_rps,
                 s.error_rate * 100.0,

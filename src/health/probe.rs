@@ -85,7 +85,8 @@ impl ActiveProber {
                     continue;
                 }
                 state.in_flight = true;
-                state.next_due = Some(now + probe.interval);
+                // Validation bounds the interval; an unrepresentable one must still not panic.
+                state.next_due = now.checked_add(probe.interval).or(Some(now));
                 let uri = format!("{endpoint}{}", probe.path);
                 let client = self.client.clone();
                 // TLS and HTTP/2 endpoints are probed through the backend's own client: the

@@ -16,6 +16,7 @@ use super::SyncError;
 use super::canon::{Kind, Purpose};
 use super::engine::Engine;
 use super::plan::{Direction, Plan, Side};
+use super::write::{Refused, write_rows};
 
 /// Canonical text of a row's key columns.
 pub type Key = Vec<String>;
@@ -26,6 +27,8 @@ pub type Values = Vec<Option<String>>;
 #[derive(Debug, Default)]
 pub struct ChangeBatch {
     pub seqs: Vec<i64>,
+    /// The key of each change, beside `seqs`.
+    pub seq_keys: Vec<Key>,
     /// Distinct keys, in the order first seen.
     pub keys: Vec<Key>,
     /// Write time of each change, microseconds since the epoch.
@@ -34,12 +37,12 @@ pub struct ChangeBatch {
 
 /// What the checkpoint of an apply records.
 pub enum Progress {
-    Stream {
-        consumed: String,
-        changes: u64,
-    },
+    /// Every change read, as (sequence number, key); a change whose row the receiving side
+    /// refused is not consumed, so it is read and tried again.
+    Stream { changes: Vec<(i64, Key)> },
     Backfill {
         after: String,
+        /// Rows copied before this chunk; the rows this chunk writes are added.
         copied: u64,
         total: u64,
         done: bool,
@@ -50,9 +53,16 @@ pub enum Progress {
 pub struct Applied {
     pub rows: u64,
     pub conflicts: u64,
+    /// Rows the receiving side would not hold (kept for a later try: their changes stay in the
+    /// change table; a backfill re-queues them there).
+    pub refused: Vec<Refused>,
+    /// Sequence numbers consumed, as `encode_seqs` writes them (streaming only).
+    pub consumed: String,
+    /// Changes consumed (streaming only).
+    pub changes: u64,
 }
 
-fn query_err(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SyncError {
+pub(crate) fn query_err(what: impl Into<String>) -> impl FnOnce(sqlx::Error) -> SyncError {
     let what = what.into();
     move |source| SyncError::Query { what, source }
 }
@@ -96,10 +106,16 @@ fn in_list(
 }
 
 /// The key columns of a table, compared in the column's own type.
-fn key_in(side: &Side, key_len: usize, cols: &[String], n: usize, first: usize) -> String {
+pub(crate) fn key_in(
+    side: &Side,
+    key_len: usize,
+    cols: &[String],
+    n: usize,
+    first: usize,
+) -> String {
     let e = side.engine();
     in_list(&cols[..key_len], n, first, |p, i| {
-        e.typed_param(p, &side.cols[i].decl)
+        e.value_param(p, &side.cols[i])
     })
 }
 
@@ -124,7 +140,7 @@ pub fn with_keys<'q, K: AsRef<[String]> + 'q>(
     q
 }
 
-const KEYS_PER_QUERY: usize = 1000;
+pub(crate) const KEYS_PER_QUERY: usize = 1000;
 
 /// Reads up to `limit` captured changes, oldest first.
 pub async fn read_changes(
@@ -159,6 +175,7 @@ pub async fn read_changes(
             .try_get(plan.key_len + 1)
             .map_err(query_err("reading a change"))?;
         batch.seqs.push(seq);
+        batch.seq_keys.push(key.clone());
         batch.changed_at.push(at);
         if seen.insert(key.clone()) {
             batch.keys.push(key);
@@ -237,7 +254,7 @@ pub async fn read_chunk(
         None => String::new(),
         Some(_) => {
             let ps: Vec<String> = (0..plan.key_len)
-                .map(|i| e.typed_param(i + 1, &side.cols[i].decl))
+                .map(|i| e.value_param(i + 1, &side.cols[i]))
                 .collect();
             let rhs = if plan.key_len == 1 {
                 ps[0].clone()
@@ -322,62 +339,6 @@ fn rule_name(c: &Conflict) -> String {
     }
 }
 
-fn upsert_sql(plan: &Plan, to: &Side, rows: usize) -> String {
-    let e = to.engine();
-    let cols: Vec<String> = to.cols.iter().map(|c| to.db.q(&c.name)).collect();
-    let keys = &cols[..plan.key_len];
-    let rest = &cols[plan.key_len..];
-    let mut p = 1;
-    let tuples: Vec<String> = (0..rows)
-        .map(|_| {
-            let v: Vec<String> = to
-                .cols
-                .iter()
-                .map(|c| {
-                    let s = e.typed_param(p, &c.decl);
-                    p += 1;
-                    s
-                })
-                .collect();
-            format!("({})", v.join(", "))
-        })
-        .collect();
-    let head = format!(
-        "INSERT INTO {} ({}) VALUES {}",
-        to.qtable(),
-        cols.join(", "),
-        tuples.join(", ")
-    );
-    match e {
-        Engine::MySql => {
-            let set = if rest.is_empty() {
-                format!("{0} = {0}", keys[0])
-            } else {
-                rest.iter()
-                    .map(|c| format!("{c} = VALUES({c})"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            format!("{head} ON DUPLICATE KEY UPDATE {set}")
-        }
-        _ => {
-            if rest.is_empty() {
-                format!("{head} ON CONFLICT ({}) DO NOTHING", keys.join(", "))
-            } else {
-                let set = rest
-                    .iter()
-                    .map(|c| format!("{c} = excluded.{c}"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                format!(
-                    "{head} ON CONFLICT ({}) DO UPDATE SET {set}",
-                    keys.join(", ")
-                )
-            }
-        }
-    }
-}
-
 /// Applies the state of `items` (key → row, `None` = deleted) read on the `dir` source side
 /// to the other side, with the checkpoint, in one transaction. Fails with `LostLease` when
 /// another process holds the pair.
@@ -389,6 +350,7 @@ pub async fn apply(
     items: &[(Key, Option<Values>)],
     progress: Progress,
     holder: &str,
+    suspects: &HashSet<Key>,
 ) -> Result<Applied, SyncError> {
     let (_, to) = plan.sides(dir);
     let e = to.engine();
@@ -512,40 +474,32 @@ pub async fn apply(
             None => deletes.push(k),
         }
     }
-    let ncols = to.cols.len().max(1);
-    let per_stmt = (30_000 / ncols).clamp(1, 1000);
-    for chunk in upserts.chunks(per_stmt) {
-        let sql = upsert_sql(plan, to, chunk.len());
-        let mut q = sqlx::query(AssertSqlSafe(sql.as_str()));
-        for row in chunk {
-            for v in row.iter() {
-                q = q.bind(v.as_deref());
-            }
+    let written = write_rows(plan, to, &mut tx, &deletes, &upserts, suspects).await?;
+    let refused: HashSet<&Key> = written.refused.iter().map(|r| &r.key).collect();
+    let (consumed, changes) = match &progress {
+        Progress::Stream { changes } => {
+            let seqs: Vec<i64> = changes
+                .iter()
+                .filter(|(_, k)| !refused.contains(k))
+                .map(|(s, _)| *s)
+                .collect();
+            (encode_seqs(&seqs), seqs.len() as u64)
         }
-        q.execute(&mut *tx)
-            .await
-            .map_err(query_err(format!("writing rows into `{}`", to.table)))?;
-    }
-    let key_cols: Vec<String> = to.cols[..plan.key_len]
-        .iter()
-        .map(|c| to.db.q(&c.name))
-        .collect();
-    for chunk in deletes.chunks(KEYS_PER_QUERY) {
-        let sql = format!(
-            "DELETE FROM {} WHERE {}",
-            to.qtable(),
-            key_in(to, plan.key_len, &key_cols, chunk.len(), 1)
-        );
-        let q = with_keys(&sql, chunk.iter().map(|k| k.as_slice()));
-        q.execute(&mut *tx)
-            .await
-            .map_err(query_err(format!("deleting rows from `{}`", to.table)))?;
+        Progress::Backfill { .. } => (String::new(), 0),
+    };
+    if let Progress::Backfill { .. } = &progress
+        && !written.refused.is_empty()
+    {
+        // Written before the target commits: if the commit fails, the keys are only tried once
+        // more, which is harmless; the other order could lose them.
+        let keys: Vec<Key> = written.refused.iter().map(|r| r.key.clone()).collect();
+        requeue(plan, &keys).await?;
     }
     super::failpoint("mid_apply");
     let p = |n| e.param(n);
     let now = e.now_micros_sql();
     let result = match &progress {
-        Progress::Stream { consumed, changes } => {
+        Progress::Stream { .. } => {
             let sql = format!(
                 "UPDATE switchyard_sync_state SET consumed = {}, applied = applied + {}, conflicts = conflicts + {}, updated_at = {now} WHERE name = {} AND holder = {}",
                 p(1),
@@ -556,7 +510,7 @@ pub async fn apply(
             );
             sqlx::query(AssertSqlSafe(sql.as_str()))
                 .bind(consumed.as_str())
-                .bind(*changes as i64)
+                .bind(changes as i64)
                 .bind(conflicts as i64)
                 .bind(plan.state_row(dir))
                 .bind(holder)
@@ -581,8 +535,8 @@ pub async fn apply(
             );
             sqlx::query(AssertSqlSafe(sql.as_str()))
                 .bind(after.as_str())
-                .bind(*copied as i64)
-                .bind(*total as i64)
+                .bind((*copied + written.rows) as i64)
+                .bind((*total).max(*copied + written.rows) as i64)
                 .bind(if *done { "stream" } else { "backfill" })
                 .bind(conflicts as i64)
                 .bind(plan.state_row(dir))
@@ -607,8 +561,11 @@ pub async fn apply(
         .map_err(query_err("committing the apply transaction"))?;
     super::failpoint("after_target_commit");
     Ok(Applied {
-        rows: items.len() as u64 - skip.len() as u64,
+        rows: written.rows,
         conflicts,
+        refused: written.refused,
+        consumed,
+        changes,
     })
 }
 
@@ -669,6 +626,39 @@ pub async fn delete_consumed(
         .map_err(query_err("deleting consumed changes"))?;
     }
     Ok(())
+}
+
+/// Re-queues keys through the sync worker: they are written into the source's change table as
+/// if they had just changed, and the worker copies their source state (or deletes them).
+pub async fn requeue(plan: &Plan, keys: &[Key]) -> Result<usize, SyncError> {
+    let e = plan.source.engine();
+    let ks: Vec<String> = (1..=plan.key_len).map(|i| format!("k{i}")).collect();
+    for chunk in keys.chunks(500) {
+        let mut p = 0;
+        let tuples: Vec<String> = chunk
+            .iter()
+            .map(|_| {
+                let v: Vec<String> = (0..plan.key_len)
+                    .map(|_| {
+                        p += 1;
+                        e.param(p)
+                    })
+                    .collect();
+                format!("({}, {})", v.join(", "), e.now_micros_sql())
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO {} ({}, changed_at) VALUES {}",
+            plan.change_table(),
+            ks.join(", "),
+            tuples.join(", ")
+        );
+        with_keys(&sql, chunk.iter().map(|k| k.as_slice()))
+            .execute(&plan.source.db.pool)
+            .await
+            .map_err(query_err("re-queueing keys into the change table"))?;
+    }
+    Ok(keys.len())
 }
 
 #[cfg(test)]

@@ -73,6 +73,18 @@ impl Engine {
         }
     }
 
+    /// The bind parameter of a value of `col` in canonical text: bytes travel as hex.
+    pub fn value_param(self, n: usize, col: &ColumnInfo) -> String {
+        if col.kind != Kind::Bytes {
+            return self.typed_param(n, &col.decl);
+        }
+        match self {
+            Engine::Postgres => format!("decode(${n}, 'hex')"),
+            Engine::MySql => "UNHEX(?)".to_string(),
+            Engine::Sqlite => "unhex(?)".to_string(),
+        }
+    }
+
     /// The database's clock as microseconds since the epoch: change times and lag use one
     /// clock per side, so replicas with skewed clocks agree.
     pub fn now_micros_sql(self) -> &'static str {
@@ -86,7 +98,8 @@ impl Engine {
     /// The column type of bookkeeping text columns that must compare byte for byte.
     pub fn key_text_type(self) -> &'static str {
         match self {
-            Engine::MySql => "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+            // NO PAD: `a` and `a ` are different keys.
+            Engine::MySql => "VARCHAR(255) CHARACTER SET utf8mb4 COLLATE utf8mb4_nopad_bin",
             _ => "TEXT",
         }
     }
@@ -165,11 +178,16 @@ impl Db {
                 })
             })
             .connect(&connect_url)
-            .await
-            .map_err(|e| SyncError::Connect {
-                url: redact(url),
-                source: e,
-            })?;
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            Err(e) => {
+                return Err(SyncError::Connect {
+                    url: redact(url),
+                    reason: crate::dberror::connect_failure(&connect_url, e).await,
+                });
+            }
+        };
         Ok(Db {
             pool,
             engine,
@@ -189,12 +207,58 @@ pub struct ColumnInfo {
     /// The declared type, usable in a CAST on Postgres.
     pub decl: String,
     pub kind: Kind,
+    /// How the database compares the column's values, for text columns that have a collation.
+    pub collation: Collation,
+}
+
+/// How loosely a column's values compare, from exact to case-insensitive. A column whose
+/// comparison on the target is looser than on the source can merge rows the source keeps apart.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Collation {
+    /// Equal exactly when the bytes are equal (PostgreSQL deterministic collations, MariaDB
+    /// `*_nopad_bin` and binary strings, SQLite BINARY, non-text types).
+    Exact,
+    /// Trailing spaces ignored: MariaDB PAD SPACE collations such as `utf8mb4_bin`.
+    PadSpace(String),
+    /// Case, accents or more ignored: MariaDB `*_ci`, PostgreSQL nondeterministic collations.
+    Insensitive(String),
+}
+
+impl Collation {
+    /// MariaDB/MySQL: from a collation name (MariaDB's PAD SPACE collations are those without
+    /// `nopad` in the name; MySQL 8's `*_0900_*` collations are NO PAD).
+    pub fn of_mysql(name: Option<&str>) -> Collation {
+        let Some(n) = name.map(str::to_ascii_lowercase) else {
+            return Collation::Exact;
+        };
+        if n == "binary" {
+            Collation::Exact
+        } else if n.ends_with("_bin") || n.ends_with("_cs") || n.ends_with("_as_cs") {
+            if n.contains("nopad") || n.contains("_0900_") {
+                Collation::Exact
+            } else {
+                Collation::PadSpace(n)
+            }
+        } else {
+            Collation::Insensitive(n)
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Collation::Exact => "byte-exact".into(),
+            Collation::PadSpace(n) => format!("`{n}`, which ignores trailing spaces"),
+            Collation::Insensitive(n) => format!("`{n}`, which ignores case (or more)"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
 pub struct TableInfo {
     pub columns: Vec<ColumnInfo>,
     pub primary_key: Vec<String>,
+    /// Unique indexes and constraints other than the primary key: (name, columns).
+    pub unique: Vec<(String, Vec<String>)>,
     /// Privileges the sync needs that the connected user lacks.
     pub missing_privileges: Vec<String>,
 }
@@ -205,18 +269,44 @@ impl TableInfo {
     }
 }
 
-/// Columns from rows of (name, declared type).
+/// Columns from rows of (name, declared type, collation); PostgreSQL adds whether the
+/// collation is deterministic.
 fn column_infos(engine: Engine, rows: &[AnyRow]) -> Result<Vec<ColumnInfo>, sqlx::Error> {
     rows.iter()
         .map(|r| {
             let decl = text(r, 1)?;
+            let coll: Option<String> = r.try_get(2)?;
+            let collation = match engine {
+                Engine::Postgres => {
+                    let deterministic: Option<String> = r.try_get(3)?;
+                    match (coll, deterministic.as_deref()) {
+                        (Some(c), Some("f")) => Collation::Insensitive(c),
+                        _ => Collation::Exact,
+                    }
+                }
+                _ => Collation::of_mysql(coll.as_deref()),
+            };
             Ok(ColumnInfo {
                 kind: Kind::of_declared(engine, &decl),
                 name: text(r, 0)?,
                 decl,
+                collation,
             })
         })
         .collect()
+}
+
+/// Groups rows of (index name, column name), in order, into indexes.
+fn group_indexes(rows: &[AnyRow]) -> Result<Vec<(String, Vec<String>)>, sqlx::Error> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for r in rows {
+        let (index, col) = (text(r, 0)?, text(r, 1)?);
+        match out.last_mut() {
+            Some((name, cols)) if *name == index => cols.push(col),
+            _ => out.push((index, vec![col])),
+        }
+    }
+    Ok(out)
 }
 
 fn text(row: &AnyRow, i: usize) -> Result<String, sqlx::Error> {
@@ -234,11 +324,31 @@ pub async fn inspect(db: &Db, table: &str) -> Result<Option<TableInfo>, SyncErro
     let mut columns = Vec::new();
     let mut primary_key = Vec::new();
     let mut missing_privileges = Vec::new();
+    let unique_sql = match db.engine {
+        Engine::Postgres => {
+            "SELECT c.relname::text, a.attname::text FROM pg_index x \
+             JOIN pg_class c ON c.oid = x.indexrelid \
+             JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = ANY(x.indkey) \
+             WHERE x.indrelid = to_regclass($1) AND x.indisunique AND NOT x.indisprimary \
+             ORDER BY c.relname, array_position(x.indkey::int[], a.attnum::int)"
+        }
+        Engine::MySql => {
+            "SELECT CAST(INDEX_NAME AS CHAR), CAST(COLUMN_NAME AS CHAR) FROM information_schema.STATISTICS \
+             WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND NON_UNIQUE = 0 AND INDEX_NAME <> 'PRIMARY' \
+             ORDER BY INDEX_NAME, SEQ_IN_INDEX"
+        }
+        Engine::Sqlite => {
+            "SELECT il.name, ii.name FROM pragma_index_list(?1) il, pragma_index_info(il.name) ii \
+             WHERE il.\"unique\" = 1 AND il.origin <> 'pk' ORDER BY il.name, ii.seqno"
+        }
+    };
     match db.engine {
         Engine::Postgres => {
             let rows = sqlx::query(AssertSqlSafe(
-                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)::text \
-                 FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 \
+                "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod)::text, \
+                 co.collname::text, co.collisdeterministic::text \
+                 FROM pg_attribute a LEFT JOIN pg_collation co ON co.oid = a.attcollation \
+                 WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 \
                  AND NOT a.attisdropped ORDER BY a.attnum",
             ))
             .bind(table)
@@ -277,7 +387,7 @@ pub async fn inspect(db: &Db, table: &str) -> Result<Option<TableInfo>, SyncErro
         }
         Engine::MySql => {
             let rows = sqlx::query(AssertSqlSafe(
-                "SELECT CAST(COLUMN_NAME AS CHAR), CAST(COLUMN_TYPE AS CHAR), CAST(COLUMN_KEY AS CHAR) \
+                "SELECT CAST(COLUMN_NAME AS CHAR), CAST(COLUMN_TYPE AS CHAR), CAST(COLLATION_NAME AS CHAR) \
                  FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? \
                  ORDER BY ORDINAL_POSITION",
             ))
@@ -323,6 +433,7 @@ pub async fn inspect(db: &Db, table: &str) -> Result<Option<TableInfo>, SyncErro
                     kind: Kind::of_declared(Engine::Sqlite, &decl),
                     name,
                     decl,
+                    collation: Collation::Exact,
                 });
             }
             if columns.is_empty() {
@@ -332,9 +443,16 @@ pub async fn inspect(db: &Db, table: &str) -> Result<Option<TableInfo>, SyncErro
             primary_key = pk.into_iter().map(|(_, n)| n).collect();
         }
     }
+    let rows = sqlx::query(AssertSqlSafe(unique_sql))
+        .bind(table)
+        .fetch_all(&db.pool)
+        .await
+        .map_err(err)?;
+    let unique = group_indexes(&rows).map_err(err)?;
     Ok(Some(TableInfo {
         columns,
         primary_key,
+        unique,
         missing_privileges,
     }))
 }

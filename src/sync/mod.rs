@@ -9,6 +9,7 @@ pub mod capture;
 pub mod engine;
 pub mod plan;
 pub mod worker;
+pub mod write;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -21,8 +22,8 @@ use crate::telemetry::{Feeds, Metrics};
 pub enum SyncError {
     #[error("{0}")]
     Url(String),
-    #[error("cannot connect to {url}: {source}")]
-    Connect { url: String, source: sqlx::Error },
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
     #[error("{what}: {source}")]
     Query { what: String, source: sqlx::Error },
     #[error("sync `{sync}` cannot run:\n  - {}", problems.join("\n  - "))]

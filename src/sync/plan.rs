@@ -15,6 +15,8 @@ pub struct Side {
     pub table: String,
     /// Columns in mapped order, key columns first.
     pub cols: Vec<ColumnInfo>,
+    /// Unique indexes other than the primary key: (name, column names).
+    pub unique: Vec<(String, Vec<String>)>,
 }
 
 impl Side {
@@ -248,6 +250,9 @@ pub async fn resolve_with(
         s_cols.push(sc.clone());
         t_cols.push(tc.clone());
     }
+    if !spec.accept_looser_collation {
+        problems.extend(looser_collations(spec, &s_cols, &t_cols, t_info));
+    }
     let lww = match &spec.conflict {
         Conflict::LastWriteWins { column } => {
             let pos = s_cols.iter().position(|c| &c.name == column);
@@ -273,11 +278,13 @@ pub async fn resolve_with(
             db: source_db,
             table: spec.source.table.clone(),
             cols: s_cols,
+            unique: s_info.unique.clone(),
         },
         target: Side {
             db: target_db,
             table: spec.target.table.clone(),
             cols: t_cols,
+            unique: t_info.unique.clone(),
         },
         kinds,
         key_len: spec.source.key.len(),
@@ -285,4 +292,47 @@ pub async fn resolve_with(
         conflict: spec.conflict.clone(),
         lww,
     })
+}
+
+/// Key and unique columns that compare more loosely on the target than on the source: there,
+/// two source rows (`a` and `A`, or `a` and `a `) would be one row, and copying would merge them.
+fn looser_collations(
+    spec: &SyncSpec,
+    s_cols: &[ColumnInfo],
+    t_cols: &[ColumnInfo],
+    t_info: &super::engine::TableInfo,
+) -> Vec<String> {
+    let mut guarded: Vec<(&str, String)> = spec
+        .target
+        .key
+        .iter()
+        .map(|k| (k.as_str(), "the key".to_string()))
+        .collect();
+    for (index, cols) in &t_info.unique {
+        for c in cols {
+            guarded.push((c.as_str(), format!("unique index `{index}`")));
+        }
+    }
+    let mut problems = Vec::new();
+    for (col, why) in guarded {
+        let Some(i) = t_cols.iter().position(|c| c.name == col) else {
+            continue;
+        };
+        let (s, t) = (&s_cols[i], &t_cols[i]);
+        if t.collation > s.collation {
+            problems.push(format!(
+                "target column `{}` ({why}) compares with {} but source column `{}` compares {}: \
+                 rows the source keeps apart would merge on the target; use an exact collation on the \
+                 target (MariaDB `utf8mb4_nopad_bin`, or a binary type) or set `accept_looser_collation: true`",
+                t.name,
+                t.collation.describe(),
+                s.name,
+                match &s.collation {
+                    super::engine::Collation::Exact => "byte for byte".to_string(),
+                    c => format!("with {}", c.describe()),
+                },
+            ));
+        }
+    }
+    problems
 }

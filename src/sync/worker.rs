@@ -4,7 +4,7 @@
 //! process, and it keeps its last figures (which go stale for the gates).
 
 use sqlx::AssertSqlSafe;
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -14,7 +14,7 @@ use sqlx::Row;
 use crate::config::SyncSpec;
 use crate::lifecycle::Shutdown;
 use crate::telemetry::feeds::SyncReport;
-use crate::telemetry::metrics::{SyncBackfillLabels, SyncDirectionLabels, SyncLabels};
+use crate::telemetry::metrics::{SyncDirectionLabels, SyncLabels};
 use crate::telemetry::{Feeds, Metrics};
 
 use super::SyncError;
@@ -22,6 +22,7 @@ use super::apply::{self, Key, Progress};
 use super::capture;
 use super::engine::Session;
 use super::plan::{self, Direction, Plan};
+use super::write::Refused;
 
 const LEASE_TTL: Duration = Duration::from_secs(5);
 const LEASE_RENEW: Duration = Duration::from_secs(1);
@@ -86,6 +87,39 @@ pub struct SyncWorker {
     report: SyncReport,
     figures: Figures,
     last_report: Instant,
+    /// Keys the receiving side refused in the last apply, per direction (forward, reverse):
+    /// written row by row next time.
+    suspects: [HashSet<Key>; 2],
+    /// What was refused in the last apply of each direction, for `last_error`.
+    refused: [Option<String>; 2],
+}
+
+/// `last_error` text for rows the receiving side refused.
+fn describe_refused(dir: Direction, refused: &[Refused]) -> Option<String> {
+    let first = refused.first()?;
+    Some(format!(
+        "{} row(s) refused by the {} and kept for retry (everything else is applied): key [{}]: {}{}",
+        refused.len(),
+        match dir {
+            Direction::SourceToTarget => "target",
+            Direction::TargetToSource => "source",
+        },
+        first.key.join(", "),
+        first.reason,
+        if refused.len() > 1 {
+            format!(
+                "; also keys {}",
+                refused[1..]
+                    .iter()
+                    .take(5)
+                    .map(|r| format!("[{}]", r.key.join(", ")))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            )
+        } else {
+            String::new()
+        }
+    ))
 }
 
 fn now_micros() -> i64 {
@@ -121,6 +155,8 @@ impl SyncWorker {
             holder,
             figures: Figures::new(),
             last_report: Instant::now() - REPORT_EVERY,
+            suspects: Default::default(),
+            refused: Default::default(),
         }
     }
 
@@ -274,7 +310,7 @@ impl SyncWorker {
                     )
                     .await?;
             }
-            self.report.last_error = None;
+            self.report.last_error = self.refused.iter().flatten().next().cloned();
             self.publish(false);
             if !busy {
                 tokio::time::sleep(IDLE_POLL).await;
@@ -405,9 +441,12 @@ impl SyncWorker {
             .into_iter()
             .map(|r| (apply::key_of(&r, plan.key_len), Some(r)))
             .collect();
-        let copied = copied + n;
         // Rows deleted or added while copying make the first count approximate.
-        let total = if done { copied } else { total.max(copied) };
+        let total = if done {
+            copied + n
+        } else {
+            total.max(copied + n)
+        };
         let applied = apply::apply(
             plan,
             Direction::SourceToTarget,
@@ -416,24 +455,24 @@ impl SyncWorker {
             Progress::Backfill {
                 after: serde_json::to_string(&last).unwrap_or_default(),
                 copied,
-                total: total.max(copied),
+                total,
                 done,
             },
             &self.holder,
+            &HashSet::new(),
         )
         .await?;
+        // Only rows the target holds count as copied; refused ones wait in the change table.
+        let copied = copied + applied.rows;
+        self.refused[0] = describe_refused(Direction::SourceToTarget, &applied.refused);
+        if let Some(why) = &self.refused[0] {
+            tracing::warn!(sync = %plan.name, "{why}");
+        }
         self.report.conflicts += applied.conflicts;
         self.report.backfill_rows_copied = copied;
         self.report.backfill_rows_total = total.max(copied);
-        for (rows, n) in [("copied", copied), ("total", total.max(copied))] {
-            self.metrics
-                .sync_backfill
-                .get_or_create(&SyncBackfillLabels {
-                    sync: plan.name.clone(),
-                    rows,
-                })
-                .set(n as i64);
-        }
+        self.metrics
+            .sync_backfill(&plan.name, copied, total.max(copied));
         if n > 0 {
             tracing::info!(sync = %plan.name, copied, total = total.max(copied), "backfill progress");
         }
@@ -479,19 +518,24 @@ impl SyncWorker {
             .iter()
             .map(|k| (k.clone(), rows.remove(k)))
             .collect();
-        let consumed = apply::encode_seqs(&batch.seqs);
-        let changes = batch.seqs.len() as u64;
         let holder = self.holder.clone();
+        let slot = usize::from(dir == Direction::TargetToSource);
+        let suspects = std::mem::take(&mut self.suspects[slot]);
         let apply = apply::apply(
             plan,
             dir,
             to_conn,
             &items,
             Progress::Stream {
-                consumed: consumed.clone(),
-                changes,
+                changes: batch
+                    .seqs
+                    .iter()
+                    .copied()
+                    .zip(batch.seq_keys.iter().cloned())
+                    .collect(),
             },
             &holder,
+            &suspects,
         );
         tokio::pin!(apply);
         // A blocked apply (a lock on the target, a slow database) keeps reporting: the lag
@@ -503,11 +547,19 @@ impl SyncWorker {
             }
         };
         let committed = now_micros();
-        apply::delete_consumed(plan, from_conn, &apply::decode_seqs(&consumed)).await?;
+        apply::delete_consumed(plan, from_conn, &apply::decode_seqs(&applied.consumed)).await?;
+        self.suspects[slot] = applied.refused.iter().map(|r| r.key.clone()).collect();
+        self.refused[slot] = describe_refused(dir, &applied.refused);
+        if let Some(why) = &self.refused[slot] {
+            tracing::warn!(sync = %plan.name, "{why}");
+        }
+        let changes = applied.changes;
         let lags: Vec<Duration> = batch
             .changed_at
             .iter()
-            .map(|at| Duration::from_micros((committed - at).max(0) as u64))
+            .zip(&batch.seq_keys)
+            .filter(|(_, k)| !self.suspects[slot].contains(*k))
+            .map(|(at, _)| Duration::from_micros((committed - at).max(0) as u64))
             .collect();
         self.report.last_lag = lags.iter().copied().max().unwrap_or_default();
         self.report.oldest_pending = None;

@@ -4,6 +4,7 @@
 
 pub mod db;
 pub mod pki;
+pub mod prometheus;
 
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -526,7 +527,13 @@ impl Switchable {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let (st, seen) = (st.clone(), seen.clone());
                         async move {
-                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            // A body the client broke off arrives here broken too.
+                            let body = req
+                                .into_body()
+                                .collect()
+                                .await
+                                .map(|c| c.to_bytes())
+                                .unwrap_or_default();
                             if !body.is_empty() {
                                 seen.lock()
                                     .unwrap()
@@ -618,4 +625,18 @@ pub async fn wait_rollout(
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// `switchyard sync install --config PATH`, which must succeed.
+pub fn sync_install(path: &Path) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["sync", "install", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

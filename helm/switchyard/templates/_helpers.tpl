@@ -38,7 +38,80 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "switchyard.image" -}}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- $repo := required "image.repository is required: there is no public image. Build and push one from the repository root (docker build -t REGISTRY/switchyard:0.1.0 . && docker push REGISTRY/switchyard:0.1.0), then set image.repository=REGISTRY/switchyard" .Values.image.repository }}
+{{- printf "%s:%s" $repo (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/* The pod's service account: the chart's own, a named existing one, or the namespace's default. */}}
+{{- define "switchyard.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- .Values.serviceAccount.name | default .Values.serviceAccountName | default (include "switchyard.fullname" .) }}
+{{- else }}
+{{- .Values.serviceAccount.name | default .Values.serviceAccountName | default "default" }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when a config change must roll the pods (see rollOnConfigChange in values.yaml). */}}
+{{- define "switchyard.rollOnConfigChange" -}}
+{{- $roll := toString .Values.rollOnConfigChange }}
+{{- if or (eq $roll "true") (and (eq $roll "auto") (eq .Values.state.type "postgres")) }}true{{ end }}
+{{- end }}
+
+{{/* Environment shared by the pods and the sync install Job. */}}
+{{- define "switchyard.env" -}}
+- name: SWITCHYARD_ADMIN_URL
+  value: "http://127.0.0.1:{{ int .Values.ports.admin }}"
+{{- if .Values.adminToken.enabled }}
+- name: SWITCHYARD_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "switchyard.adminTokenSecretName" . }}
+      key: {{ include "switchyard.adminTokenSecretKey" . }}
+{{- end }}
+{{- if eq .Values.state.type "postgres" }}
+- name: SWITCHYARD_STATE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "switchyard.stateSecretName" . }}
+      key: {{ include "switchyard.stateSecretKey" . }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Mounts of the files the config names, shared by the pods and the sync install Job. */}}
+{{- define "switchyard.fileMounts" -}}
+{{- if .Values.adminTokensFile.existingSecret }}
+- name: admin-tokens
+  mountPath: /etc/switchyard-tokens
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.enabled }}
+- name: tls
+  mountPath: /etc/switchyard-tls
+  readOnly: true
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The volumes behind switchyard.fileMounts. */}}
+{{- define "switchyard.fileVolumes" -}}
+{{- if .Values.adminTokensFile.existingSecret }}
+- name: admin-tokens
+  secret:
+    secretName: {{ .Values.adminTokensFile.existingSecret }}
+{{- end }}
+{{- if .Values.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ .Values.tls.secretName }}
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Secrets: the chart's own, or the user's existing ones. */}}
@@ -149,6 +222,9 @@ shutdown_timeout: {{ int .Values.shutdownTimeoutSeconds }}s
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
 {{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret)" }}
+{{- end }}
+{{- if not (has (toString .Values.rollOnConfigChange) (list "true" "false" "auto")) }}
+{{- fail (printf "rollOnConfigChange must be true, false or auto, not %q" (toString .Values.rollOnConfigChange)) }}
 {{- end }}
 {{- if not (has .Values.preStop.mode (list "exec" "sleepAction" "none")) }}
 {{- fail (printf "preStop.mode must be exec, sleepAction or none, not %q" .Values.preStop.mode) }}

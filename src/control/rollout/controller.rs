@@ -18,7 +18,7 @@ use crate::health::monitor::Breach;
 use crate::lifecycle::Shutdown;
 use crate::snapshot::SnapshotHandle;
 use crate::telemetry::Metrics;
-use crate::telemetry::metrics::{GateLabels, RouteLabels};
+use crate::telemetry::metrics::GateFigure;
 
 /// Often enough that a rollback is recorded well within a second of the route's rollback.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -387,29 +387,20 @@ impl RolloutController {
 
     fn export(&self, subject: &RolloutSubject, evaluation: &Evaluation) {
         let route: Arc<str> = Arc::from(subject.route.as_str());
-        let step = if subject.record.phase == Phase::Idle {
-            0
-        } else {
-            i64::try_from(subject.record.step + 1).unwrap_or(i64::MAX)
-        };
-        self.metrics
-            .rollout_step
-            .get_or_create(&RouteLabels {
-                route: route.clone(),
-            })
-            .set(step);
-        for gate in &evaluation.gates {
-            let labels = GateLabels {
-                route: route.clone(),
-                gate: gate.name.clone(),
-            };
-            if let Some(figure) = gate.figure {
-                self.metrics.rollout_gate.get_or_create(&labels).set(figure);
-            }
-            self.metrics
-                .rollout_gate_passing
-                .get_or_create(&labels)
-                .set(i64::from(gate.pass));
-        }
+        // The same step and phase the API shows (`control::model`).
+        let step =
+            i64::try_from(crate::control::model::shown_step(&subject.record)).unwrap_or(i64::MAX);
+        let (phase, _) =
+            crate::control::model::rollout_phase(&subject.record, subject.rolled_back.as_deref());
+        self.metrics.export_rollout(
+            &route,
+            step,
+            phase.as_str(),
+            evaluation.gates.iter().map(|g| GateFigure {
+                name: &g.name,
+                figure: g.figure,
+                pass: g.pass,
+            }),
+        );
     }
 }
