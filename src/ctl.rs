@@ -835,27 +835,66 @@ pub fn render_flag(flag: &Value, etag: Option<&str>) -> String {
     key_values(&kv)
 }
 
-/// `audit`: AT ACTOR ACTION TARGET OUTCOME BEFORE→AFTER, newest first as the API sends them.
+/// `audit`: AT ACTOR ACTION TARGET OUTCOME CHANGE, newest first as the API sends them.
+/// CHANGE says what moved (`weight 25% → 100%`), or for a refusal why it was refused.
 pub fn render_audit(body: &Value) -> String {
     let mut rows = vec![row(&[
-        "AT",
-        "ACTOR",
-        "ACTION",
-        "TARGET",
-        "OUTCOME",
-        "BEFORE→AFTER",
+        "AT", "ACTOR", "ACTION", "TARGET", "OUTCOME", "CHANGE",
     ])];
     for e in items(body, "entries") {
+        let change = if e["outcome"] == "refused" {
+            text(e.get("detail"))
+        } else {
+            what_changed(&e["before"], &e["after"])
+        };
         rows.push(vec![
             text(e.get("at")),
             text(e.get("actor")),
             text(e.get("action")),
             text(e.get("target")),
             text(e.get("outcome")),
-            format!("{}→{}", compact(e.get("before")), compact(e.get("after"))),
+            change,
         ]);
     }
     table(&rows)
+}
+
+/// The facts of a route or flag view that differ between two audit views, as
+/// `weight 25% → 100%; state active → rolled_back`; `-` when none did.
+fn what_changed(before: &Value, after: &Value) -> String {
+    /// A fact's name, where it sits in a view, and how a person reads it.
+    type Fact = (
+        &'static str,
+        &'static [&'static str],
+        fn(Option<&Value>) -> String,
+    );
+    let facts: [Fact; 6] = [
+        ("weight", &["weight", "in_force"], percent),
+        ("active", &["active", "in_force"], text),
+        ("percentage", &["percentage", "in_force"], percent),
+        ("state", &["state"], text),
+        ("rollout", &["rollout", "state"], text),
+        ("step", &["rollout", "step"], text),
+    ];
+    let at = |v: &Value, path: &[&str]| {
+        path.iter()
+            .try_fold(v, |v, k| v.get(*k))
+            .filter(|v| !v.is_null())
+            .cloned()
+    };
+    let changes: Vec<String> = facts
+        .iter()
+        .filter_map(|(name, path, show)| {
+            let (b, a) = (at(before, path), at(after, path));
+            (b != a && (b.is_some() || a.is_some()))
+                .then(|| format!("{name} {} → {}", show(b.as_ref()), show(a.as_ref())))
+        })
+        .collect();
+    if changes.is_empty() {
+        "-".to_owned()
+    } else {
+        changes.join("; ")
+    }
 }
 
 fn row(cells: &[&str]) -> Vec<String> {
@@ -876,13 +915,6 @@ fn text(v: Option<&Value>) -> String {
     match v {
         None | Some(Value::Null) => "-".to_owned(),
         Some(Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-    }
-}
-
-fn compact(v: Option<&Value>) -> String {
-    match v {
-        None | Some(Value::Null) => "-".to_owned(),
         Some(other) => other.to_string(),
     }
 }
@@ -1271,22 +1303,32 @@ etag:            \"aa\"
     fn audit_table() {
         let body = json!({"entries": [{
             "id": 7, "at": "2026-11-22T05:00:00Z", "actor": "ops", "action": "set_weight",
-            "target": "users", "before": {"weight": 10.0}, "after": {"weight": 25.0},
+            "target": "users",
+            "before": {"weight": {"in_force": 25.0}, "state": "active"},
+            "after": {"weight": {"in_force": 100.0}, "state": "active"},
             "outcome": "applied", "detail": null
         }, {
             "id": 6, "at": "2026-11-22T04:00:00Z", "actor": "ci", "action": "reset",
-            "target": "billing", "before": null, "after": null, "outcome": "refused", "detail": "x"
+            "target": "billing", "before": null, "after": null, "outcome": "refused",
+            "detail": "route `billing` does not exist"
+        }, {
+            "id": 5, "at": "2026-11-22T03:00:00Z", "actor": "health", "action": "rollback",
+            "target": "users",
+            "before": {"weight": {"in_force": 25.5}, "state": "active", "rollout": {"state": "progressing", "step": 2}},
+            "after": {"weight": {"in_force": 0.0}, "state": "rolled_back", "rollout": {"state": "rolled_back", "step": 2}},
+            "outcome": "applied", "detail": "error_rate"
         }]});
         let out = render_audit(&body);
         let expected = "\
-AT                    ACTOR  ACTION      TARGET   OUTCOME  BEFORE→AFTER
-2026-11-22T05:00:00Z  ops    set_weight  users    applied  {\"weight\":10.0}→{\"weight\":25.0}
-2026-11-22T04:00:00Z  ci     reset       billing  refused  -→-
+AT                    ACTOR   ACTION      TARGET   OUTCOME  CHANGE
+2026-11-22T05:00:00Z  ops     set_weight  users    applied  weight 25% → 100%
+2026-11-22T04:00:00Z  ci      reset       billing  refused  route `billing` does not exist
+2026-11-22T03:00:00Z  health  rollback    users    applied  weight 25.5% → 0%; state active → rolled_back; rollout progressing → rolled_back
 ";
         assert_eq!(out, expected);
         assert_eq!(
             render_audit(&json!({})),
-            "AT  ACTOR  ACTION  TARGET  OUTCOME  BEFORE→AFTER\n"
+            "AT  ACTOR  ACTION  TARGET  OUTCOME  CHANGE\n"
         );
     }
 
