@@ -136,6 +136,10 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Sync pairs: phase, lag, throughput, conflicts (figures rounded; full in JSON).
+    Sync,
+    /// Sampled consistency per pair: ratio, lower bound, samples (full figures in JSON).
+    Consistency,
     /// Drive a route's rollout, show it, or wait for it to end.
     Rollout {
         #[command(subcommand)]
@@ -339,6 +343,8 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             let path = format!("/v1/audit?limit={limit}");
             api.call(Method::GET, &path, None, None).await?
         }
+        CtlCommand::Sync => api.call(Method::GET, "/v1/sync", None, None).await?,
+        CtlCommand::Consistency => api.call(Method::GET, "/v1/consistency", None, None).await?,
         CtlCommand::Rollout { action } => {
             let (verb, route, body) = match action {
                 RolloutCmd::Start { route } => ("start", route, None),
@@ -382,6 +388,8 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Flags => render_flags(&reply.body),
         CtlCommand::Flag { .. } => render_flag(&reply.body, etag),
         CtlCommand::Audit { .. } => render_audit(&reply.body),
+        CtlCommand::Sync => render_sync(&reply.body),
+        CtlCommand::Consistency => render_consistency(&reply.body),
         CtlCommand::Rollout { .. } => render_rollout(&reply.body),
     })
 }
@@ -859,6 +867,74 @@ pub fn render_audit(body: &Value) -> String {
     table(&rows)
 }
 
+/// `sync`: NAME PHASE LAG_P95 CHANGES/S APPLIED CONFLICTS AGE, figures rounded for people.
+pub fn render_sync(body: &Value) -> String {
+    let mut rows = vec![row(&[
+        "NAME",
+        "PHASE",
+        "LAG_P95",
+        "CHANGES/S",
+        "APPLIED",
+        "CONFLICTS",
+        "AGE",
+        "ERROR",
+    ])];
+    for p in items(body, "sync") {
+        rows.push(vec![
+            text(p.get("name")),
+            text(p.get("phase")),
+            rounded(p.get("lag_p95_seconds"), 3, "s"),
+            rounded(p.get("changes_per_second"), 1, ""),
+            text(p.get("changes_applied")),
+            text(p.get("conflicts")),
+            aged(p),
+            text(p.get("last_error")),
+        ]);
+    }
+    table(&rows)
+}
+
+/// `consistency`: NAME RATIO LOWER_BOUND SAMPLED MISMATCHED AGE, rounded for people.
+pub fn render_consistency(body: &Value) -> String {
+    let mut rows = vec![row(&[
+        "NAME",
+        "RATIO",
+        "LOWER_BOUND",
+        "SAMPLED",
+        "MISMATCHED",
+        "AGE",
+        "ERROR",
+    ])];
+    for p in items(body, "consistency") {
+        rows.push(vec![
+            text(p.get("name")),
+            rounded(p.get("ratio"), 4, ""),
+            rounded(p.get("lower_bound"), 4, ""),
+            text(p.get("sampled")),
+            text(p.get("mismatched")),
+            aged(p),
+            text(p.get("last_error")),
+        ]);
+    }
+    table(&rows)
+}
+
+/// A figure with `places` decimals and a unit; `-` when absent.
+fn rounded(v: Option<&Value>, places: usize, unit: &str) -> String {
+    v.and_then(Value::as_f64)
+        .map_or_else(|| "-".to_owned(), |f| format!("{f:.places$}{unit}"))
+}
+
+/// How old a report is, with `(stale)` when its job stopped reporting.
+fn aged(p: &Value) -> String {
+    let age = rounded(p.get("age_seconds"), 1, "s");
+    if p["stale"] == true {
+        format!("{age} (stale)")
+    } else {
+        age
+    }
+}
+
 /// The facts of a route or flag view that differ between two audit views, as
 /// `weight 25% → 100%; state active → rolled_back`; `-` when none did.
 fn what_changed(before: &Value, after: &Value) -> String {
@@ -1297,6 +1373,29 @@ etag:            \"aa\"
         let out = render_flag(&flag, Some("\"hdr\""));
         assert!(out.contains("percentage.file:     10%\n"), "{out}");
         assert!(out.contains("etag:                \"hdr\"\n"), "{out}");
+    }
+
+    #[test]
+    fn sync_and_consistency_tables_round_for_people() {
+        let sync = json!({"sync": [{
+            "name": "users", "phase": "stream", "lag_p95_seconds": 0.123456,
+            "changes_per_second": 41.666, "changes_applied": 9000, "conflicts": 2,
+            "age_seconds": 0.25, "stale": false, "last_error": null
+        }]});
+        assert_eq!(
+            render_sync(&sync),
+            "NAME   PHASE   LAG_P95  CHANGES/S  APPLIED  CONFLICTS  AGE   ERROR\n\
+             users  stream  0.123s   41.7       9000     2          0.2s  -\n"
+        );
+        let consistency = json!({"consistency": [{
+            "name": "users", "ratio": 0.999876, "lower_bound": 0.99951, "sampled": 12000,
+            "mismatched": 1, "age_seconds": 12.0, "stale": true, "last_error": "refused"
+        }]});
+        assert_eq!(
+            render_consistency(&consistency),
+            "NAME   RATIO   LOWER_BOUND  SAMPLED  MISMATCHED  AGE            ERROR\n\
+             users  0.9999  0.9995       12000    1           12.0s (stale)  refused\n"
+        );
     }
 
     #[test]
