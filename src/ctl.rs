@@ -867,56 +867,51 @@ pub fn render_audit(body: &Value) -> String {
     table(&rows)
 }
 
-/// `sync`: NAME PHASE LAG_P95 CHANGES/S APPLIED CONFLICTS AGE, figures rounded for people.
-pub fn render_sync(body: &Value) -> String {
-    let mut rows = vec![row(&[
-        "NAME",
-        "PHASE",
-        "LAG_P95",
-        "CHANGES/S",
-        "APPLIED",
-        "CONFLICTS",
-        "AGE",
-        "ERROR",
-    ])];
-    for p in items(body, "sync") {
-        rows.push(vec![
-            text(p.get("name")),
-            text(p.get("phase")),
-            rounded(p.get("lag_p95_seconds"), 3, "s"),
-            rounded(p.get("changes_per_second"), 1, ""),
-            text(p.get("changes_applied")),
-            text(p.get("conflicts")),
-            aged(p),
-            text(p.get("last_error")),
-        ]);
+/// A column of a report table: its header and how one report fills its cell.
+type Column = (&'static str, fn(&Value) -> String);
+
+/// A table of the reports under `key`, one column per (header, cell) pair.
+fn render_reports(body: &Value, key: &str, columns: &[Column]) -> String {
+    let mut rows = vec![columns.iter().map(|(h, _)| (*h).to_owned()).collect()];
+    for p in items(body, key) {
+        rows.push(columns.iter().map(|(_, cell)| cell(p)).collect());
     }
     table(&rows)
 }
 
-/// `consistency`: NAME RATIO LOWER_BOUND SAMPLED MISMATCHED AGE, rounded for people.
+/// `sync`: NAME PHASE LAG_P95 CHANGES/S APPLIED CONFLICTS AGE ERROR, rounded for people.
+pub fn render_sync(body: &Value) -> String {
+    render_reports(
+        body,
+        "sync",
+        &[
+            ("NAME", |p| text(p.get("name"))),
+            ("PHASE", |p| text(p.get("phase"))),
+            ("LAG_P95", |p| rounded(p.get("lag_p95_seconds"), 3, "s")),
+            ("CHANGES/S", |p| rounded(p.get("changes_per_second"), 1, "")),
+            ("APPLIED", |p| text(p.get("changes_applied"))),
+            ("CONFLICTS", |p| text(p.get("conflicts"))),
+            ("AGE", aged),
+            ("ERROR", |p| text(p.get("last_error"))),
+        ],
+    )
+}
+
+/// `consistency`: NAME RATIO LOWER_BOUND SAMPLED MISMATCHED AGE ERROR, rounded for people.
 pub fn render_consistency(body: &Value) -> String {
-    let mut rows = vec![row(&[
-        "NAME",
-        "RATIO",
-        "LOWER_BOUND",
-        "SAMPLED",
-        "MISMATCHED",
-        "AGE",
-        "ERROR",
-    ])];
-    for p in items(body, "consistency") {
-        rows.push(vec![
-            text(p.get("name")),
-            rounded(p.get("ratio"), 4, ""),
-            rounded(p.get("lower_bound"), 4, ""),
-            text(p.get("sampled")),
-            text(p.get("mismatched")),
-            aged(p),
-            text(p.get("last_error")),
-        ]);
-    }
-    table(&rows)
+    render_reports(
+        body,
+        "consistency",
+        &[
+            ("NAME", |p| text(p.get("name"))),
+            ("RATIO", |p| rounded(p.get("ratio"), 4, "")),
+            ("LOWER_BOUND", |p| rounded(p.get("lower_bound"), 4, "")),
+            ("SAMPLED", |p| text(p.get("sampled"))),
+            ("MISMATCHED", |p| text(p.get("mismatched"))),
+            ("AGE", aged),
+            ("ERROR", |p| text(p.get("last_error"))),
+        ],
+    )
 }
 
 /// A figure with `places` decimals and a unit; `-` when absent.
