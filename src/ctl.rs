@@ -11,7 +11,14 @@ use std::time::Duration;
 use http::{Method, StatusCode, Uri, header};
 use serde_json::{Value, json};
 
+use crate::control::model;
+use crate::control::rollout::Phase;
 use crate::outbound::{Outbound, error_chain};
+
+/// A request body of the API's own types (`control::model`), shared with the server.
+fn typed<T: serde::Serialize>(body: &T) -> Value {
+    serde_json::to_value(body).unwrap_or(Value::Null)
+}
 
 /// An operator waiting on a hung admin listener is worse off than one told it timed out.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -129,6 +136,10 @@ pub enum CtlCommand {
         #[arg(long, default_value_t = 20)]
         limit: u32,
     },
+    /// Sync pairs: phase, lag, throughput, conflicts (figures rounded; full in JSON).
+    Sync,
+    /// Sampled consistency per pair: ratio, lower bound, samples (full figures in JSON).
+    Consistency,
     /// Drive a route's rollout, show it, or wait for it to end.
     Rollout {
         #[command(subcommand)]
@@ -282,7 +293,9 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             if_match,
         } => {
             let path = format!("/v1/routes/{}/weight", segment(name)?);
-            let body = json!({ "weight": finite("weight", *percent)? });
+            let body = typed(&model::WeightBody {
+                weight: finite("weight", *percent)?,
+            });
             api.call(Method::PUT, &path, Some(body), if_match.as_deref())
                 .await?
         }
@@ -292,7 +305,9 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             if_match,
         } => {
             let path = format!("/v1/routes/{}/switch", segment(name)?);
-            let body = json!({ "active": side.as_str() });
+            let body = typed(&model::SwitchBody {
+                active: side.as_str().to_string(),
+            });
             api.call(Method::POST, &path, Some(body), if_match.as_deref())
                 .await?
         }
@@ -300,8 +315,10 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             let path = format!("/v1/routes/{}/rollback", segment(name)?);
             // `{}` rather than no body: a JSON extractor on the server accepts it either way.
             let body = match reason {
-                Some(r) => json!({ "reason": r }),
-                None => json!({}),
+                Some(r) => typed(&model::RollbackBody {
+                    reason: Some(r.clone()),
+                }),
+                None => typed(&model::RollbackBody::default()),
             };
             api.call(Method::POST, &path, Some(body), None).await?
         }
@@ -315,7 +332,9 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             match percentage {
                 None => api.call(Method::GET, &path, None, None).await?,
                 Some(p) => {
-                    let body = json!({ "percentage": finite("percentage", *p)? });
+                    let body = typed(&model::FlagBody {
+                        percentage: finite("percentage", *p)?,
+                    });
                     api.call(Method::PUT, &path, Some(body), None).await?
                 }
             }
@@ -324,14 +343,18 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             let path = format!("/v1/audit?limit={limit}");
             api.call(Method::GET, &path, None, None).await?
         }
+        CtlCommand::Sync => api.call(Method::GET, "/v1/sync", None, None).await?,
+        CtlCommand::Consistency => api.call(Method::GET, "/v1/consistency", None, None).await?,
         CtlCommand::Rollout { action } => {
             let (verb, route, body) = match action {
                 RolloutCmd::Start { route } => ("start", route, None),
                 RolloutCmd::Pause { route } => ("pause", route, None),
                 RolloutCmd::Resume { route } => ("resume", route, None),
-                RolloutCmd::Promote { route, full } => {
-                    ("promote", route, Some(json!({ "full": full })))
-                }
+                RolloutCmd::Promote { route, full } => (
+                    "promote",
+                    route,
+                    Some(typed(&model::PromoteBody { full: *full })),
+                ),
                 RolloutCmd::Abort { route } => ("abort", route, None),
                 RolloutCmd::Status { route } | RolloutCmd::Wait { route, .. } => ("", route, None),
             };
@@ -339,7 +362,7 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
             if verb.is_empty() {
                 api.call(Method::GET, &base, None, None).await?
             } else {
-                let body = body.unwrap_or_else(|| json!({}));
+                let body = body.unwrap_or_else(|| typed(&model::EmptyBody {}));
                 api.call(Method::POST, &format!("{base}/{verb}"), Some(body), None)
                     .await?
             }
@@ -365,6 +388,8 @@ pub async fn execute(args: &CtlArgs) -> Result<String, CtlError> {
         CtlCommand::Flags => render_flags(&reply.body),
         CtlCommand::Flag { .. } => render_flag(&reply.body, etag),
         CtlCommand::Audit { .. } => render_audit(&reply.body),
+        CtlCommand::Sync => render_sync(&reply.body),
+        CtlCommand::Consistency => render_consistency(&reply.body),
         CtlCommand::Rollout { .. } => render_rollout(&reply.body),
     })
 }
@@ -382,13 +407,20 @@ pub async fn wait(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last: Option<String> = None;
     loop {
-        let view = api.call(Method::GET, &path, None, None).await?.body;
-        let failing: Vec<&str> = items(&view, "gates")
+        let reply = api.call(Method::GET, &path, None, None).await?;
+        let rollout: model::RolloutView =
+            serde_json::from_value(reply.body.clone()).map_err(|e| CtlError::BadJson {
+                url: reply.url.clone(),
+                reason: e.to_string(),
+            })?;
+        let view = reply.body;
+        let failing: Vec<&str> = rollout
+            .gates
             .iter()
-            .filter(|g| g["pass"] == false)
-            .filter_map(|g| g["name"].as_str())
+            .filter(|g| !g.pass)
+            .map(|g| g.name.as_str())
             .collect();
-        let key = format!("{} {} {:?}", view["state"], view["step"], failing);
+        let key = format!("{} {} {:?}", rollout.state, rollout.step, failing);
         if last.as_ref() != Some(&key) {
             let line = match args.output {
                 Output::Json => progress_json(&view).to_string(),
@@ -399,16 +431,16 @@ pub async fn wait(
             let _ = out.flush();
             last = Some(key);
         }
-        match view["state"].as_str().unwrap_or_default() {
-            "promoted" => return Ok(WAIT_PROMOTED),
-            "paused" => return Ok(WAIT_PAUSED),
-            "rolled_back" | "aborted" => return Ok(WAIT_ROLLED_BACK),
-            "idle" => {
+        match rollout.state {
+            Phase::Promoted => return Ok(WAIT_PROMOTED),
+            Phase::Paused => return Ok(WAIT_PAUSED),
+            Phase::RolledBack | Phase::Aborted => return Ok(WAIT_ROLLED_BACK),
+            Phase::Idle => {
                 return Err(CtlError::BadArgument(format!(
                     "route `{route}` has no rollout running; start one with `switchyard ctl rollout start {route}`"
                 )));
             }
-            _ => {}
+            Phase::Progressing => {}
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
@@ -811,27 +843,129 @@ pub fn render_flag(flag: &Value, etag: Option<&str>) -> String {
     key_values(&kv)
 }
 
-/// `audit`: AT ACTOR ACTION TARGET OUTCOME BEFORE→AFTER, newest first as the API sends them.
+/// `audit`: AT ACTOR ACTION TARGET OUTCOME CHANGE, newest first as the API sends them.
+/// CHANGE says what moved (`weight 25% → 100%`), or for a refusal why it was refused.
 pub fn render_audit(body: &Value) -> String {
     let mut rows = vec![row(&[
-        "AT",
-        "ACTOR",
-        "ACTION",
-        "TARGET",
-        "OUTCOME",
-        "BEFORE→AFTER",
+        "AT", "ACTOR", "ACTION", "TARGET", "OUTCOME", "CHANGE",
     ])];
     for e in items(body, "entries") {
+        let change = if e["outcome"] == "refused" {
+            text(e.get("detail"))
+        } else {
+            what_changed(&e["before"], &e["after"])
+        };
         rows.push(vec![
             text(e.get("at")),
             text(e.get("actor")),
             text(e.get("action")),
             text(e.get("target")),
             text(e.get("outcome")),
-            format!("{}→{}", compact(e.get("before")), compact(e.get("after"))),
+            change,
         ]);
     }
     table(&rows)
+}
+
+/// A column of a report table: its header and how one report fills its cell.
+type Column = (&'static str, fn(&Value) -> String);
+
+/// A table of the reports under `key`, one column per (header, cell) pair.
+fn render_reports(body: &Value, key: &str, columns: &[Column]) -> String {
+    let mut rows = vec![columns.iter().map(|(h, _)| (*h).to_owned()).collect()];
+    for p in items(body, key) {
+        rows.push(columns.iter().map(|(_, cell)| cell(p)).collect());
+    }
+    table(&rows)
+}
+
+/// `sync`: NAME PHASE LAG_P95 CHANGES/S APPLIED CONFLICTS AGE ERROR, rounded for people.
+pub fn render_sync(body: &Value) -> String {
+    render_reports(
+        body,
+        "sync",
+        &[
+            ("NAME", |p| text(p.get("name"))),
+            ("PHASE", |p| text(p.get("phase"))),
+            ("LAG_P95", |p| rounded(p.get("lag_p95_seconds"), 3, "s")),
+            ("CHANGES/S", |p| rounded(p.get("changes_per_second"), 1, "")),
+            ("APPLIED", |p| text(p.get("changes_applied"))),
+            ("CONFLICTS", |p| text(p.get("conflicts"))),
+            ("AGE", aged),
+            ("ERROR", |p| text(p.get("last_error"))),
+        ],
+    )
+}
+
+/// `consistency`: NAME RATIO LOWER_BOUND SAMPLED MISMATCHED AGE ERROR, rounded for people.
+pub fn render_consistency(body: &Value) -> String {
+    render_reports(
+        body,
+        "consistency",
+        &[
+            ("NAME", |p| text(p.get("name"))),
+            ("RATIO", |p| rounded(p.get("ratio"), 4, "")),
+            ("LOWER_BOUND", |p| rounded(p.get("lower_bound"), 4, "")),
+            ("SAMPLED", |p| text(p.get("sampled"))),
+            ("MISMATCHED", |p| text(p.get("mismatched"))),
+            ("AGE", aged),
+            ("ERROR", |p| text(p.get("last_error"))),
+        ],
+    )
+}
+
+/// A figure with `places` decimals and a unit; `-` when absent.
+fn rounded(v: Option<&Value>, places: usize, unit: &str) -> String {
+    v.and_then(Value::as_f64)
+        .map_or_else(|| "-".to_owned(), |f| format!("{f:.places$}{unit}"))
+}
+
+/// How old a report is, with `(stale)` when its job stopped reporting.
+fn aged(p: &Value) -> String {
+    let age = rounded(p.get("age_seconds"), 1, "s");
+    if p["stale"] == true {
+        format!("{age} (stale)")
+    } else {
+        age
+    }
+}
+
+/// The facts of a route or flag view that differ between two audit views, as
+/// `weight 25% → 100%; state active → rolled_back`; `-` when none did.
+fn what_changed(before: &Value, after: &Value) -> String {
+    /// A fact's name, where it sits in a view, and how a person reads it.
+    type Fact = (
+        &'static str,
+        &'static [&'static str],
+        fn(Option<&Value>) -> String,
+    );
+    let facts: [Fact; 6] = [
+        ("weight", &["weight", "in_force"], percent),
+        ("active", &["active", "in_force"], text),
+        ("percentage", &["percentage", "in_force"], percent),
+        ("state", &["state"], text),
+        ("rollout", &["rollout", "state"], text),
+        ("step", &["rollout", "step"], text),
+    ];
+    let at = |v: &Value, path: &[&str]| {
+        path.iter()
+            .try_fold(v, |v, k| v.get(*k))
+            .filter(|v| !v.is_null())
+            .cloned()
+    };
+    let changes: Vec<String> = facts
+        .iter()
+        .filter_map(|(name, path, show)| {
+            let (b, a) = (at(before, path), at(after, path));
+            (b != a && (b.is_some() || a.is_some()))
+                .then(|| format!("{name} {} → {}", show(b.as_ref()), show(a.as_ref())))
+        })
+        .collect();
+    if changes.is_empty() {
+        "-".to_owned()
+    } else {
+        changes.join("; ")
+    }
 }
 
 fn row(cells: &[&str]) -> Vec<String> {
@@ -852,13 +986,6 @@ fn text(v: Option<&Value>) -> String {
     match v {
         None | Some(Value::Null) => "-".to_owned(),
         Some(Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-    }
-}
-
-fn compact(v: Option<&Value>) -> String {
-    match v {
-        None | Some(Value::Null) => "-".to_owned(),
         Some(other) => other.to_string(),
     }
 }
@@ -1244,25 +1371,58 @@ etag:            \"aa\"
     }
 
     #[test]
+    fn sync_and_consistency_tables_round_for_people() {
+        let sync = json!({"sync": [{
+            "name": "users", "phase": "stream", "lag_p95_seconds": 0.123456,
+            "changes_per_second": 41.666, "changes_applied": 9000, "conflicts": 2,
+            "age_seconds": 0.25, "stale": false, "last_error": null
+        }]});
+        assert_eq!(
+            render_sync(&sync),
+            "NAME   PHASE   LAG_P95  CHANGES/S  APPLIED  CONFLICTS  AGE   ERROR\n\
+             users  stream  0.123s   41.7       9000     2          0.2s  -\n"
+        );
+        let consistency = json!({"consistency": [{
+            "name": "users", "ratio": 0.999876, "lower_bound": 0.99951, "sampled": 12000,
+            "mismatched": 1, "age_seconds": 12.0, "stale": true, "last_error": "refused"
+        }]});
+        assert_eq!(
+            render_consistency(&consistency),
+            "NAME   RATIO   LOWER_BOUND  SAMPLED  MISMATCHED  AGE            ERROR\n\
+             users  0.9999  0.9995       12000    1           12.0s (stale)  refused\n"
+        );
+    }
+
+    #[test]
     fn audit_table() {
         let body = json!({"entries": [{
             "id": 7, "at": "2026-11-22T05:00:00Z", "actor": "ops", "action": "set_weight",
-            "target": "users", "before": {"weight": 10.0}, "after": {"weight": 25.0},
+            "target": "users",
+            "before": {"weight": {"in_force": 25.0}, "state": "active"},
+            "after": {"weight": {"in_force": 100.0}, "state": "active"},
             "outcome": "applied", "detail": null
         }, {
             "id": 6, "at": "2026-11-22T04:00:00Z", "actor": "ci", "action": "reset",
-            "target": "billing", "before": null, "after": null, "outcome": "refused", "detail": "x"
+            "target": "billing", "before": null, "after": null, "outcome": "refused",
+            "detail": "route `billing` does not exist"
+        }, {
+            "id": 5, "at": "2026-11-22T03:00:00Z", "actor": "health", "action": "rollback",
+            "target": "users",
+            "before": {"weight": {"in_force": 25.5}, "state": "active", "rollout": {"state": "progressing", "step": 2}},
+            "after": {"weight": {"in_force": 0.0}, "state": "rolled_back", "rollout": {"state": "rolled_back", "step": 2}},
+            "outcome": "applied", "detail": "error_rate"
         }]});
         let out = render_audit(&body);
         let expected = "\
-AT                    ACTOR  ACTION      TARGET   OUTCOME  BEFORE→AFTER
-2026-11-22T05:00:00Z  ops    set_weight  users    applied  {\"weight\":10.0}→{\"weight\":25.0}
-2026-11-22T04:00:00Z  ci     reset       billing  refused  -→-
+AT                    ACTOR   ACTION      TARGET   OUTCOME  CHANGE
+2026-11-22T05:00:00Z  ops     set_weight  users    applied  weight 25% → 100%
+2026-11-22T04:00:00Z  ci      reset       billing  refused  route `billing` does not exist
+2026-11-22T03:00:00Z  health  rollback    users    applied  weight 25.5% → 0%; state active → rolled_back; rollout progressing → rolled_back
 ";
         assert_eq!(out, expected);
         assert_eq!(
             render_audit(&json!({})),
-            "AT  ACTOR  ACTION  TARGET  OUTCOME  BEFORE→AFTER\n"
+            "AT  ACTOR  ACTION  TARGET  OUTCOME  CHANGE\n"
         );
     }
 

@@ -180,20 +180,46 @@ pub async fn start(config_path: &Path, env_token: Option<&str>) -> Result<Runnin
         config.clone(),
     )
     .start(rest_shutdown.clone())?;
-    let store_sync = tokio::spawn(control.clone().run_store_sync(rest_shutdown.clone()));
-    let monitor = crate::health::monitor::RollbackMonitor::new(publisher.handle(), control.clone())
-        .start(rest_shutdown.clone());
-    let prober =
-        crate::health::probe::ActiveProber::new(publisher.handle()).start(rest_shutdown.clone());
-    let sync_workers = crate::sync::start_all(&config, control.feeds(), &metrics, &rest_shutdown);
-    let samplers =
-        crate::consistency::start_all(&config, control.feeds(), &metrics, &rest_shutdown);
-    let rollouts = crate::control::rollout::controller::RolloutController::new(
-        control.clone(),
-        publisher.handle(),
-        metrics.clone(),
-    )
-    .start(rest_shutdown.clone());
+    // Every background loop runs under the one supervisor: restarted with backoff when it
+    // ends before shutdown, and shown with its last error in `/v1/jobs` and `/readyz`.
+    let jobs = control.jobs().clone();
+    let reloader = jobs.watch("config_reload", rest_shutdown.clone(), vec![reloader]);
+    let store_sync = jobs.supervise("store_sync", rest_shutdown.clone(), {
+        let control = control.clone();
+        move |shutdown| tokio::spawn(control.clone().run_store_sync(shutdown))
+    });
+    let monitor = jobs.supervise("rollback_monitor", rest_shutdown.clone(), {
+        let (handle, control) = (publisher.handle(), control.clone());
+        move |shutdown| {
+            crate::health::monitor::RollbackMonitor::new(handle.clone(), control.clone())
+                .start(shutdown)
+        }
+    });
+    let prober = jobs.supervise("prober", rest_shutdown.clone(), {
+        let handle = publisher.handle();
+        move |shutdown| crate::health::probe::ActiveProber::new(handle.clone()).start(shutdown)
+    });
+    let sync_workers = jobs.watch(
+        "sync_workers",
+        rest_shutdown.clone(),
+        crate::sync::start_all(&config, control.feeds(), &metrics, &rest_shutdown),
+    );
+    let samplers = jobs.watch(
+        "samplers",
+        rest_shutdown.clone(),
+        crate::consistency::start_all(&config, control.feeds(), &metrics, &rest_shutdown),
+    );
+    let rollouts = jobs.supervise("rollout_controller", rest_shutdown.clone(), {
+        let (control, handle, metrics) = (control.clone(), publisher.handle(), metrics.clone());
+        move |shutdown| {
+            crate::control::rollout::controller::RolloutController::new(
+                control.clone(),
+                handle.clone(),
+                metrics.clone(),
+            )
+            .start(shutdown)
+        }
+    });
     let endpoints = publisher.handle();
     metrics.watch_endpoints(move || endpoints.load().endpoint_states());
     let mut proxy = Proxy::new(publisher.handle(), &config.limits, config.escaped_slashes);
@@ -260,9 +286,7 @@ pub async fn start(config_path: &Path, env_token: Option<&str>) -> Result<Runnin
     let mut rest_tasks = vec![joined(admin_task), joined(reloader)];
     rest_tasks.extend(cert_reloader.map(joined));
     rest_tasks.extend([joined(store_sync), joined(monitor), joined(prober)]);
-    rest_tasks.extend(samplers.into_iter().map(joined));
-    rest_tasks.extend(sync_workers.into_iter().map(joined));
-    rest_tasks.push(joined(rollouts));
+    rest_tasks.extend([joined(samplers), joined(sync_workers), joined(rollouts)]);
     Ok(Running {
         http: proxy_addr,
         admin: admin_addr,

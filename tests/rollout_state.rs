@@ -110,6 +110,10 @@ async fn all_say_rolled_back(proxy: &Switchyard, reason: &str, step: u64) {
                     .metric("switchyard_route_weight{route=\"users\"}")
                     .await
                     == Some(0.0)
+                && proxy
+                    .metric("switchyard_rollout_phase{route=\"users\",phase=\"rolled_back\"}")
+                    .await
+                    == Some(1.0)
         },
     )
     .await;

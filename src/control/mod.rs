@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod jobs;
 pub mod model;
 pub mod overrides;
 pub mod plane;

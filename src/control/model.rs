@@ -14,35 +14,55 @@ use super::rollout::{self, HistoryEntry, Phase, RolloutRecord, Walk};
 use crate::config::Config;
 use crate::dataplane::split::{Side, Split, StickyKey, Weight};
 
-/// A setting as the file has it, as an operator overrode it, and as it is in force.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Layered<T> {
-    /// What the data plane applies now.
-    pub in_force: T,
-    pub file: T,
-    pub runtime: Option<T>,
-    /// What decides `in_force`: `file`, `runtime`, or `rollback` while the route is rolled back.
-    pub source: String,
+/// A setting as the file has it, as an operator overrode it, and as it is in force. One
+/// concrete type per setting (rather than a generic) so the OpenAPI schema says exactly
+/// what each field holds, `runtime` being null when the file's value is in use.
+macro_rules! layered {
+    ($(#[$doc:meta])* $name:ident, $t:ty) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+        pub struct $name {
+            /// What the data plane applies now.
+            pub in_force: $t,
+            pub file: $t,
+            /// An operator's override; null when the file's value is in use.
+            pub runtime: Option<$t>,
+            /// What decides `in_force`: `file`, `runtime`, or `rollback` while the route
+            /// is rolled back.
+            pub source: String,
+        }
+
+        impl $name {
+            fn of(file: $t, runtime: Option<$t>, rolled_back: Option<$t>) -> $name {
+                let (in_force, source) = match (rolled_back, &runtime) {
+                    (Some(v), _) => (v, "rollback"),
+                    (None, Some(v)) => (v.clone(), "runtime"),
+                    (None, None) => (file.clone(), "file"),
+                };
+                $name {
+                    in_force,
+                    file,
+                    runtime,
+                    source: source.to_string(),
+                }
+            }
+        }
+    };
 }
 
-impl<T: Clone> Layered<T> {
-    fn of(file: T, runtime: Option<T>, rolled_back: Option<T>) -> Layered<T> {
-        let (in_force, source) = match (rolled_back, &runtime) {
-            (Some(v), _) => (v, "rollback"),
-            (None, Some(v)) => (v.clone(), "runtime"),
-            (None, None) => (file.clone(), "file"),
-        };
-        Layered {
-            in_force,
-            file,
-            runtime,
-            source: source.to_string(),
-        }
-    }
-}
+layered!(
+    /// A route's target share in percent, or a flag's percentage.
+    LayeredPercent,
+    f64
+);
+layered!(
+    /// A blue-green route's active side: `legacy` or `target`.
+    LayeredSide,
+    String
+);
 
 /// Why and by whom a route was rolled back.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RollbackView {
     pub at: String,
     pub by: String,
@@ -60,7 +80,7 @@ impl From<&RollbackMark> for RollbackView {
 }
 
 /// A route's rollout as the route view shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutSummary {
     pub state: Phase,
     /// 1-based; 0 only while idle.
@@ -71,7 +91,7 @@ pub struct RolloutSummary {
 }
 
 /// `GET /v1/routes/{name}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RouteView {
     pub name: String,
     pub legacy: String,
@@ -79,9 +99,9 @@ pub struct RouteView {
     /// `percentage`, `canary`, `blue_green` or `feature_flag`.
     pub split: String,
     /// Target share in percent (percentage and canary splits).
-    pub weight: Option<Layered<f64>>,
+    pub weight: Option<LayeredPercent>,
     /// `legacy` or `target` (blue-green splits).
-    pub active: Option<Layered<String>>,
+    pub active: Option<LayeredSide>,
     /// The flag deciding the route (feature-flag splits).
     pub flag: Option<String>,
     /// `active` or `rolled_back`.
@@ -91,8 +111,9 @@ pub struct RouteView {
     /// Only on routes that have had a rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSummary>,
-    /// Live window figures; outside the ETag.
+    /// Live window figures (`window_s`, and `legacy` and `target` figures); outside the ETag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub health: Option<serde_json::Value>,
     /// A quoted tag over everything above but `health`.
     #[serde(default)]
@@ -100,10 +121,10 @@ pub struct RouteView {
 }
 
 /// `GET /v1/flags/{name}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FlagView {
     pub name: String,
-    pub percentage: Layered<f64>,
+    pub percentage: LayeredPercent,
     pub rules: usize,
     pub sticky: Option<String>,
     #[serde(default)]
@@ -111,7 +132,7 @@ pub struct FlagView {
 }
 
 /// `GET /v1/rollouts/{route}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RolloutView {
     pub route: String,
     /// `weights` or `blue_green`.
@@ -137,16 +158,14 @@ pub struct RolloutView {
     pub history: Vec<HistoryEntry>,
 }
 
-/// A rollout's phase and reason as a reader must see them: a route rolled back while its
+/// A rollout's phase and reason as a reader must see them (`rolled_back`: the reason of the
+/// route's rollback mark, if it has one): a route rolled back while its
 /// rollout was moving it (progressing, paused, or promoted) is `rolled_back` with the
 /// rollback's reason, even before the controller has recorded it.
-pub fn rollout_phase(
-    record: &RolloutRecord,
-    mark: Option<&RollbackMark>,
-) -> (Phase, Option<String>) {
-    match mark {
-        Some(m) if record.phase.is_running() || record.phase == Phase::Promoted => {
-            (Phase::RolledBack, Some(m.reason.clone()))
+pub fn rollout_phase(record: &RolloutRecord, rolled_back: Option<&str>) -> (Phase, Option<String>) {
+    match rolled_back {
+        Some(reason) if record.phase.is_running() || record.phase == Phase::Promoted => {
+            (Phase::RolledBack, Some(reason.to_string()))
         }
         _ => (record.phase, record.reason.clone()),
     }
@@ -206,14 +225,14 @@ pub fn route_view(config: &Config, overrides: &Overrides, name: &str) -> Option<
     let (mut weight, mut active, mut flag) = (None, None, None);
     match &route.split {
         Split::Percentage { weight: w } | Split::Canary { weight: w, .. } => {
-            weight = Some(Layered::of(
+            weight = Some(LayeredPercent::of(
                 w.percent(),
                 o.and_then(|o| o.weight).map(Weight::percent),
                 mark.map(|_| 0.0),
             ));
         }
         Split::BlueGreen { active: a, .. } => {
-            active = Some(Layered::of(
+            active = Some(LayeredSide::of(
                 a.as_str().to_string(),
                 o.and_then(|o| o.active).map(|s| s.as_str().to_string()),
                 mark.map(|_| Side::Legacy.as_str().to_string()),
@@ -224,7 +243,7 @@ pub fn route_view(config: &Config, overrides: &Overrides, name: &str) -> Option<
         }
     }
     let rollout = overrides.rollouts.get(name).map(|record| {
-        let (state, reason) = rollout_phase(record, mark);
+        let (state, reason) = rollout_phase(record, mark.map(|m| m.reason.as_str()));
         let steps = config
             .routes
             .iter()
@@ -269,11 +288,112 @@ pub fn flag_view(config: &Config, overrides: &Overrides, name: &str) -> Option<F
     let runtime = overrides.flags.get(name).and_then(|o| o.percentage);
     let mut view = FlagView {
         name: name.to_string(),
-        percentage: Layered::of(flag.weight.percent(), runtime.map(Weight::percent), None),
+        percentage: LayeredPercent::of(flag.weight.percent(), runtime.map(Weight::percent), None),
         rules: flag.rules.len(),
         sticky: sticky_text(flag.sticky.as_ref()),
         etag: String::new(),
     };
     view.etag = etag_of(&view);
     Some(view)
+}
+
+// ---- request and envelope types of the `/v1` API, shared by the server, `ctl` and tests ----
+
+/// `PUT /v1/routes/{name}/weight`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WeightBody {
+    /// The target's share in percent, 0..100 with at most two decimals.
+    #[schema(minimum = 0, maximum = 100)]
+    pub weight: f64,
+}
+
+/// `POST /v1/routes/{name}/switch`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchBody {
+    /// `legacy` or `target`; anything else is refused (422) and audited.
+    #[schema(pattern = "^(legacy|target)$")]
+    pub active: String,
+}
+
+/// `POST /v1/routes/{name}/rollback`; the body is optional.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackBody {
+    /// Recorded with the rollback; `manual` when absent.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// `PUT /v1/flags/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FlagBody {
+    /// Percent of the flag's population, 0..100 with at most two decimals.
+    #[schema(minimum = 0, maximum = 100)]
+    pub percentage: f64,
+}
+
+/// `POST /v1/rollouts/{route}/promote`; the body is optional.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteBody {
+    /// Straight to promoted (weight 100) rather than the next step.
+    #[serde(default)]
+    pub full: bool,
+}
+
+/// The body of the other rollout commands: optional, and empty when given.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyBody {}
+
+/// `GET /v1/routes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RouteList {
+    pub routes: Vec<RouteView>,
+}
+
+/// `GET /v1/flags`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FlagList {
+    pub flags: Vec<FlagView>,
+}
+
+/// `GET /v1/audit`, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AuditList {
+    pub entries: Vec<super::store::AuditEntry>,
+}
+
+/// `GET /v1/sync`: every sync pair's latest report (lag, throughput, phase), `stale` when
+/// its worker stopped reporting.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct SyncList {
+    #[schema(value_type = Vec<Object>)]
+    pub sync: Vec<serde_json::Value>,
+}
+
+/// `GET /v1/consistency`: every sampled pair's latest report.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ConsistencyList {
+    #[schema(value_type = Vec<Object>)]
+    pub consistency: Vec<serde_json::Value>,
+}
+
+/// Every error (contract §6): `{"error": {"code", "message"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// Stable, for scripts: `bad_request`, `unauthorized`, `not_found`, `invalid`,
+    /// `precondition_failed`, `conflict`, `invalid_transition`, `rollout_in_progress`,
+    /// `no_rollout`, `state_store_unavailable`, `internal`.
+    pub code: String,
+    /// For people.
+    pub message: String,
 }

@@ -159,7 +159,7 @@ struct Desired {
 }
 
 /// What a change reads back: the view of the route or flag it changed.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Changed {
     Route(Box<RouteView>),
@@ -211,6 +211,7 @@ pub struct ControlPlane {
     store_ok: AtomicBool,
     feeds: crate::telemetry::Feeds,
     board: rollout::controller::Board,
+    jobs: super::jobs::Supervisor,
 }
 
 impl ControlPlane {
@@ -228,7 +229,13 @@ impl ControlPlane {
             store_ok: AtomicBool::new(false),
             feeds: crate::telemetry::Feeds::default(),
             board: Default::default(),
+            jobs: Default::default(),
         }
+    }
+
+    /// The supervisor every background job runs under.
+    pub fn jobs(&self) -> &super::jobs::Supervisor {
+        &self.jobs
     }
 
     fn desired(&self) -> std::sync::MutexGuard<'_, Desired> {
@@ -684,7 +691,8 @@ impl ControlPlane {
             .routes
             .get(route)
             .and_then(|o| o.rollback.as_ref());
-        (record.phase, record.reason) = model::rollout_phase(&record, mark);
+        (record.phase, record.reason) =
+            model::rollout_phase(&record, mark.map(|m| m.reason.as_str()));
         let live = self.board.get(route);
         let baked = live
             .as_ref()
@@ -758,6 +766,12 @@ impl ControlPlane {
         let desired = self.desired();
         let target = Target::of(change);
         let before = view_of(&desired, &target).ok_or_else(|| (None, target.unknown()))?;
+        // An invalid change is refused as such whatever its `If-Match` says: preconditions
+        // are judged only for a request that would otherwise succeed (RFC 9110 §13.2.1).
+        let (write, overrides) = match plan(&desired, change, actor) {
+            Ok(ok) => ok,
+            Err(e) => return Err((Some(before.audited()), e)),
+        };
         let etag = before.etag().to_string();
         if let Some(want) = if_match
             && want.trim() != "*"
@@ -768,10 +782,6 @@ impl ControlPlane {
                 ControlError::Stale { current: etag },
             ));
         }
-        let (write, overrides) = match plan(&desired, change, actor) {
-            Ok(ok) => ok,
-            Err(e) => return Err((Some(before.audited()), e)),
-        };
         let next = Desired {
             config: desired.config.clone(),
             overrides,
@@ -1134,7 +1144,7 @@ fn plan(
                         .get(route)
                         .and_then(|o| o.rollback.as_ref());
                     let judged = RolloutRecord {
-                        phase: model::rollout_phase(&record, mark).0,
+                        phase: model::rollout_phase(&record, mark.map(|m| m.reason.as_str())).0,
                         ..record.clone()
                     };
                     rollout::command(&judged, &walk, *c)?
@@ -1201,7 +1211,9 @@ fn refuse_during_rollout(desired: &Desired, route: &str) -> Result<(), ControlEr
         .routes
         .get(route)
         .and_then(|o| o.rollback.as_ref());
-    if model::rollout_phase(record, mark).0 != rollout::Phase::Progressing {
+    if model::rollout_phase(record, mark.map(|m| m.reason.as_str())).0
+        != rollout::Phase::Progressing
+    {
         return Ok(());
     }
     let steps = rollout_parts(desired, route).map_or(0, |(_, _, walk)| walk.len());

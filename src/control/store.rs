@@ -50,14 +50,18 @@ pub struct StateStore {
 }
 
 /// One audit record, as written and as read back.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct AuditEntry {
     pub id: i64,
     pub at: String,
     pub actor: String,
     pub action: String,
     pub target: String,
+    /// The route or flag view before the change (without ETag and live figures).
+    #[schema(value_type = Option<Object>)]
     pub before: Option<serde_json::Value>,
+    /// The view after it; absent for a refusal.
+    #[schema(value_type = Option<Object>)]
     pub after: Option<serde_json::Value>,
     pub outcome: String,
     pub detail: Option<String>,

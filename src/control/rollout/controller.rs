@@ -387,15 +387,15 @@ impl RolloutController {
 
     fn export(&self, subject: &RolloutSubject, evaluation: &Evaluation) {
         let route: Arc<str> = Arc::from(subject.route.as_str());
-        let step = if subject.record.phase == Phase::Idle {
-            0
-        } else {
-            i64::try_from(subject.record.step + 1).unwrap_or(i64::MAX)
-        };
+        // The same step and phase the API shows (`control::model`).
+        let step =
+            i64::try_from(crate::control::model::shown_step(&subject.record)).unwrap_or(i64::MAX);
+        let (phase, _) =
+            crate::control::model::rollout_phase(&subject.record, subject.rolled_back.as_deref());
         self.metrics.export_rollout(
             &route,
             step,
-            subject.record.phase.as_str(),
+            phase.as_str(),
             evaluation.gates.iter().map(|g| GateFigure {
                 name: &g.name,
                 figure: g.figure,

@@ -34,7 +34,9 @@ pub enum RolloutError {
 }
 
 /// The states of contract §5.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     #[default]
@@ -82,7 +84,7 @@ impl std::fmt::Display for Phase {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
     pub at: String,
     /// `start`, `pause`, `resume`, `step`, `promote`, `abort` or `rolled_back`.
@@ -352,11 +354,13 @@ pub fn apply(
 }
 
 /// One gate as evaluated: its figure, its limit, whether it passes and why.
-#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct Gate {
     /// `max_error_rate`, `max_latency_ratio`, `max_sync_lag:PAIR`, `min_consistency:PAIR`,
     /// `webhook:URL`.
     pub name: String,
+    /// A number, or text such as `2xx`.
+    #[schema(value_type = Object)]
     pub limit: Value,
     pub figure: Option<f64>,
     pub pass: bool,
