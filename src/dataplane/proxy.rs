@@ -484,7 +484,9 @@ impl Proxy {
         let method = span.as_ref().map(|_| parts.method.clone());
         let request = Request::from_parts(parts, body);
         let sent = backend.client.client.request(request);
-        let result = self.answered(snapshot, backend, endpoint, sent, watch).await;
+        let result = self
+            .answered(snapshot, backend, endpoint, sent, watch)
+            .await;
         if let (Some((tracer, span)), Some(method)) = (span, method) {
             let error = result.as_ref().err().map(|f| f.error.to_string());
             tracer.finish_client(
