@@ -219,8 +219,16 @@ pub fn with_listeners(yaml: &str) -> String {
     let mut text = String::new();
     if !yaml.contains("state:") {
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!("switchyard-tests-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        // A fresh directory per test process: a name made of the pid alone was reused by a
+        // later process with the same pid, which then read an old run's runtime weights.
+        static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+        let dir = DIR.get_or_init(|| {
+            tempfile::Builder::new()
+                .prefix("switchyard-tests-")
+                .tempdir()
+                .unwrap()
+                .keep()
+        });
         let db = dir.join(format!("state-{}.db", NEXT.fetch_add(1, Ordering::Relaxed)));
         text.push_str(&format!(
             "state: {{ url: \"sqlite://{}\" }}\n",
