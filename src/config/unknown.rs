@@ -24,10 +24,13 @@ const MAX_REPORTED: usize = 50;
 /// Finds the unknown keys of `tree` as a `T` would see them. Empty when there are none; the
 /// tree is only read.
 pub(super) fn unknown_keys<T: DeserializeOwned>(tree: &Value) -> Vec<UnknownKey> {
-    let mut tree = tree.clone();
+    // A valid file (every reload) is read in place; the tree is copied only once a key
+    // has to be taken out of it.
+    let mut pruned: Option<Value> = None;
     let mut found = Vec::new();
     while found.len() < MAX_REPORTED {
-        let Err(e) = serde_path_to_error::deserialize::<_, T>(tree.clone()) else {
+        let current = pruned.as_ref().unwrap_or(tree);
+        let Err(e) = serde_path_to_error::deserialize::<_, T>(current) else {
             break;
         };
         let inner = e.inner().to_string();
@@ -40,7 +43,7 @@ pub(super) fn unknown_keys<T: DeserializeOwned>(tree: &Value) -> Vec<UnknownKey>
             Some(Segment::Map { key: last }) if *last == key => &segments[..segments.len() - 1],
             _ => &segments[..],
         };
-        if !remove(&mut tree, parent, &key) {
+        if !remove(pruned.get_or_insert_with(|| tree.clone()), parent, &key) {
             break;
         }
         let parent_path = display(parent);
